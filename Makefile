@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/trainfleet: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[server,zstd,examples,dev]'
+	touch $@
+
+demo: $(BIN)/trainfleet      ## a real fleet on loopback: receiver, two workers, real training
+	$(BIN)/trainfleet demo
+
+lint: $(BIN)/trainfleet
+	$(BIN)/ruff check .
+	$(BIN)/mypy src
+
+test: lint                   ## the whole suite, slow tests included
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

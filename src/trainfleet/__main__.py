@@ -1,0 +1,7 @@
+"""`python -m trainfleet` is the same as the `trainfleet` console script."""
+
+import sys
+
+from trainfleet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,439 @@
+"""HTTP client for workers and the CLI: one method per endpoint of docs/protocol.md.
+
+Standard library only (urllib for JSON calls, http.client for streamed uploads). Foreign
+errors become trainfleet errors in exactly one place, `_translate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import random
+import ssl
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from trainfleet import __version__
+from trainfleet.errors import (
+    DigestMismatch,
+    LeaseLost,
+    ReceiverError,
+    ReceiverUnreachable,
+    TrainfleetError,
+)
+
+T = TypeVar("T")
+Progress = Callable[[int, int], None]  #: called with (bytes sent, total bytes)
+
+CHUNK_BYTES = 1 << 20
+USER_AGENT = f"trainfleet/{__version__}"
+
+
+class Client:
+    """Talks to one receiver; transient failures are retried with capped exponential backoff.
+
+    Errors: a 4xx answer raises `ReceiverError(status, error, detail)` at once. A 409 to a
+    call that carries a lease (heartbeat, upload, complete, fail, upload_log) raises
+    `LeaseLost` instead (its `.status` is also 409): stop that job. Connection errors,
+    timeouts and 5xx are retried `retries` times, then raise `ReceiverUnreachable`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        worker_token: str | None = None,
+        operator_token: str | None = None,
+        timeout_s: float = 30.0,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise TrainfleetError(f"receiver url: expected http(s)://host[:port], got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.worker_token = worker_token
+        self.operator_token = operator_token
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.ssl_context = ssl_context
+        self._parts = parts
+        # No proxy: the receiver is on the lab's network, and the streamed upload
+        # (http.client) could not honour one anyway.
+        self._opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ssl_context)
+        )
+
+    # --- worker calls -------------------------------------------------------
+
+    def claim(
+        self,
+        worker_id: str,
+        capability: dict[str, Any],
+        slot: int = 0,
+        slot_vram_gib: float | None = None,
+        allow_jobs: list[str] | tuple[str, ...] | None = None,
+        deny_jobs: list[str] | tuple[str, ...] = (),
+    ) -> dict[str, Any] | None:
+        """Claim the best eligible job: its claim answer (job, lease, attempt, command), or None."""
+        body = {
+            "worker_id": worker_id,
+            "capability": capability,
+            "slot": slot,
+            "slot_vram_gib": slot_vram_gib,
+            "allow_jobs": None if allow_jobs is None else list(allow_jobs),
+            "deny_jobs": list(deny_jobs),
+        }
+        answer: dict[str, Any] | None = self._json("POST", "/v1/job/claim", body=body)
+        return answer
+
+    def heartbeat(
+        self,
+        job_id: str,
+        lease: str,
+        progress: dict[str, Any] | None = None,
+        log_tail: str | None = None,
+    ) -> str:
+        """Report liveness; the receiver's action, "continue" or "cancel".
+
+        Not retried: heartbeats are periodic, so the next one is the retry, and a worker
+        blocked in backoff could not watch its trainer.
+        """
+        body = {"lease": lease, "progress": progress, "log_tail": log_tail}
+        path = f"/v1/job/{_seg(job_id)}/heartbeat"
+        answer = self._json("POST", path, body=body, fenced_job_id=job_id, retries=0)
+        return str(answer["action"])
+
+    def complete(
+        self, job_id: str, lease: str, artifact_id: str, metrics: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Mark the job completed with a stored artifact; idempotent for the same lease."""
+        body = {"lease": lease, "artifact_id": artifact_id, "metrics": metrics}
+        path = f"/v1/job/{_seg(job_id)}/complete"
+        answer: dict[str, Any] = self._json("POST", path, body=body, fenced_job_id=job_id)
+        return answer
+
+    def fail(
+        self, job_id: str, lease: str, error: str, retryable: bool, kind: str
+    ) -> dict[str, Any]:
+        """Report a failed attempt; the job resource with its new status."""
+        body = {"lease": lease, "error": error, "retryable": retryable, "kind": kind}
+        path = f"/v1/job/{_seg(job_id)}/fail"
+        answer: dict[str, Any] = self._json("POST", path, body=body, fenced_job_id=job_id)
+        return answer
+
+    def upload(
+        self,
+        artifact_id: str,
+        path: Path,
+        job_id: str,
+        lease: str,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Stream a bundle to the store in chunks, never holding it in memory."""
+        query = {"job_id": job_id, "lease": lease}
+        target = self._target(f"/v1/model/{_seg(artifact_id)}", query)
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+
+            def attempt() -> bytes:
+                fh.seek(0)
+                return self._stream_put(target, fh, size, progress)
+
+            raw = self._retrying("PUT", target, attempt, fenced_job_id=job_id)
+        answer: dict[str, Any] = json.loads(raw)
+        return answer
+
+    def upload_log(self, job_id: str, lease: str, attempt: int, text: str) -> None:
+        """Store an attempt's full trainer log."""
+        path = f"/v1/job/{_seg(job_id)}/log"
+        query = {"lease": lease, "attempt": str(attempt)}
+        data = text.encode("utf-8", errors="replace")
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        self._call("PUT", path, query, data, headers, fenced_job_id=job_id)
+
+    # --- artifacts ----------------------------------------------------------
+
+    def has_artifact(self, artifact_id: str) -> bool:
+        """True when the store already holds this artifact."""
+        try:
+            self._call("HEAD", f"/v1/model/{_seg(artifact_id)}")
+        except ReceiverError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def download(self, artifact_id: str, dest: Path) -> Path:
+        """Fetch an artifact to `dest` (a file, or a directory to hold `<artifact_id>.bundle`).
+
+        Streams to a temp file beside the destination, verifies the sha256, then renames,
+        so `dest` is never a partial or corrupt bundle.
+        """
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / f"{artifact_id}.bundle"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        url = self._url(f"/v1/model/{_seg(artifact_id)}")
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w+b") as out:
+                digest = self._retrying("GET", url, lambda: self._stream_get(url, out))
+            if digest != artifact_id:
+                raise DigestMismatch(artifact_id, digest)
+            os.replace(tmp_name, dest)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return dest
+
+    # --- reads and operator calls -----------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """The receiver's health: ok, version, backend, counts, uptime_s."""
+        answer: dict[str, Any] = self._json("GET", "/v1/health")
+        return answer
+
+    def get_log(self, job_id: str, attempt: int | None = None) -> str:
+        """An attempt's trainer log (default: the latest; the tail while it runs)."""
+        query = None if attempt is None else {"attempt": str(attempt)}
+        raw = self._call("GET", f"/v1/jobs/{_seg(job_id)}/log", query)
+        return raw.decode("utf-8", errors="replace")
+
+    def jobs(
+        self, status: str | None = None, model: str | None = None, host: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Job resources, filtered by whichever of status, model and host are given."""
+        query = {"status": status, "model": model, "host": host}
+        answer = self._json("GET", "/v1/jobs", query={k: v for k, v in query.items() if v})
+        jobs: list[dict[str, Any]] = answer["jobs"]
+        return jobs
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """One job with its history and attempts; the id may be a unique prefix."""
+        answer: dict[str, Any] = self._json("GET", f"/v1/jobs/{_seg(job_id)}")
+        return answer
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Worker resources, alive or not."""
+        workers: list[dict[str, Any]] = self._json("GET", "/v1/workers")["workers"]
+        return workers
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job from any live state (operator)."""
+        path = f"/v1/job/{_seg(job_id)}/cancel"
+        answer: dict[str, Any] = self._json("POST", path, operator=True)
+        return answer
+
+    def requeue(self, job_id: str) -> dict[str, Any]:
+        """Put a failed or cancelled job back to pending (operator)."""
+        path = f"/v1/job/{_seg(job_id)}/requeue"
+        answer: dict[str, Any] = self._json("POST", path, operator=True)
+        return answer
+
+    def reload_manifest(self) -> dict[str, Any]:
+        """Re-read the manifest: added / updated / unchanged / orphaned counts (operator)."""
+        answer: dict[str, Any] = self._json("POST", "/v1/manifest/reload", operator=True)
+        return answer
+
+    # --- plumbing -----------------------------------------------------------
+
+    def _json(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        operator: bool = False,
+        fenced_job_id: str | None = None,
+        retries: int | None = None,
+    ) -> Any:
+        """A JSON call: the decoded answer, or None for an empty one (204)."""
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        raw = self._call(method, path, query, data, headers, operator, fenced_job_id, retries)
+        return json.loads(raw) if raw.strip() else None
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        operator: bool = False,
+        fenced_job_id: str | None = None,
+        retries: int | None = None,
+    ) -> bytes:
+        """One urllib request, retried as the client's policy says; the answer's body."""
+        url = self._url(path, query)
+        all_headers = self._headers(operator) | (headers or {})
+
+        def attempt() -> bytes:
+            request = urllib.request.Request(url, data=data, headers=all_headers, method=method)
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                body: bytes = response.read()
+                return body
+
+        return self._retrying(method, url, attempt, fenced_job_id, retries)
+
+    def _retrying(
+        self,
+        method: str,
+        url: str,
+        attempt: Callable[[], T],
+        fenced_job_id: str | None = None,
+        retries: int | None = None,
+    ) -> T:
+        """Run `attempt`, retrying while the failure is transient (ReceiverUnreachable)."""
+        retries = self.retries if retries is None else retries
+        for n in range(retries + 1):
+            try:
+                return attempt()
+            except (OSError, http.client.HTTPException) as exc:
+                error = _translate(exc, f"{method} {url}", fenced_job_id)
+                if not isinstance(error, ReceiverUnreachable) or n == retries:
+                    raise error from exc
+            time.sleep(self._backoff(n))
+        raise AssertionError("unreachable")
+
+    def _backoff(self, n: int) -> float:
+        """Capped exponential backoff with jitter, so a restarted receiver is not stampeded."""
+        delay = min(self.max_backoff_s, self.backoff_s * 2**n)
+        return float(delay * random.uniform(0.5, 1.0))
+
+    def _stream_put(self, target: str, fh: BinaryIO, size: int, progress: Progress | None) -> bytes:
+        """PUT the open file in chunks with Content-Length; the answer's body on 2xx."""
+        conn = self._connection()
+        try:
+            conn.putrequest("PUT", target)
+            headers = self._headers(operator=False) | {
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(size),
+            }
+            for name, value in headers.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            try:
+                _send_file(conn, fh, size, progress)
+            except OSError:
+                # The receiver may refuse early (413, 409) and close: its answer beats ours.
+                pass
+            response = conn.getresponse()
+            body = response.read()
+            if response.status >= 400:
+                raise _http_error(target, response.status, response.reason, body)
+            return body
+        finally:
+            conn.close()
+
+    def _stream_get(self, url: str, out: BinaryIO) -> str:
+        """GET into `out` from its start, hashing as it goes; the sha256 hex of what came."""
+        request = urllib.request.Request(url, headers=self._headers(operator=False))
+        out.seek(0)
+        out.truncate()
+        digest = hashlib.sha256()
+        with self._opener.open(request, timeout=self.timeout_s) as response:
+            while chunk := response.read(CHUNK_BYTES):
+                digest.update(chunk)
+                _write_local(out, chunk)
+        return digest.hexdigest()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        host, port = self._parts.hostname or "", self._parts.port
+        if self._parts.scheme == "https":
+            return http.client.HTTPSConnection(
+                host, port, timeout=self.timeout_s, context=self.ssl_context
+            )
+        return http.client.HTTPConnection(host, port, timeout=self.timeout_s)
+
+    def _headers(self, operator: bool) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if self.worker_token:
+            headers["X-Worker-Token"] = self.worker_token
+        if operator and self.operator_token:
+            headers["X-Operator-Token"] = self.operator_token
+        return headers
+
+    def _target(self, path: str, query: dict[str, str] | None = None) -> str:
+        """Path and query as sent on the request line, under the base url's own path."""
+        target = self._parts.path.rstrip("/") + path
+        return f"{target}?{urllib.parse.urlencode(query)}" if query else target
+
+    def _url(self, path: str, query: dict[str, str] | None = None) -> str:
+        return self.base_url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+
+
+def _translate(
+    exc: OSError | http.client.HTTPException, what: str, fenced_job_id: str | None
+) -> TrainfleetError:
+    """The one mapping of foreign errors to ours; ReceiverUnreachable means "worth a retry"."""
+    if not isinstance(exc, urllib.error.HTTPError):
+        reason = getattr(exc, "reason", None) or exc
+        return ReceiverUnreachable(f"{what}: cannot reach the receiver: {reason}")
+    message, detail = _error_body(exc)
+    if exc.code >= 500:
+        return ReceiverUnreachable(f"{what}: receiver answered {exc.code}: {message}", detail)
+    if exc.code == 409 and fenced_job_id is not None:
+        return LeaseLost(fenced_job_id, message)
+    return ReceiverError(exc.code, message, detail)
+
+
+def _error_body(exc: urllib.error.HTTPError) -> tuple[str, Any]:
+    """(message, detail) from a `{"error", "detail"}` body, tolerating any other body."""
+    try:
+        raw = exc.read()
+    except (OSError, http.client.HTTPException):
+        raw = b""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and ("error" in body or "detail" in body):
+        message = body.get("error") or str(body.get("detail"))
+        return str(message), body.get("detail")
+    text = raw.decode("utf-8", errors="replace").strip()[:200]
+    return f"HTTP {exc.code} {exc.reason}" + (f": {text}" if text else ""), None
+
+
+def _send_file(
+    conn: http.client.HTTPConnection, fh: BinaryIO, size: int, progress: Progress | None
+) -> None:
+    sent = 0
+    while chunk := fh.read(CHUNK_BYTES):
+        conn.send(chunk)
+        sent += len(chunk)
+        if progress is not None:
+            progress(sent, size)
+
+
+def _write_local(out: BinaryIO, chunk: bytes) -> None:
+    """Write to a local file; its OSError must not pass for a network one and be retried."""
+    try:
+        out.write(chunk)
+    except OSError as exc:
+        raise TrainfleetError(f"{getattr(out, 'name', 'download')}: cannot write: {exc}") from exc
+
+
+def _http_error(url: str, status: int, reason: str, body: bytes) -> urllib.error.HTTPError:
+    """An http.client error answer dressed as urllib's, so `_translate` sees one kind."""
+    return urllib.error.HTTPError(url, status, reason, http.client.HTTPMessage(), io.BytesIO(body))
+
+
+def _seg(value: str) -> str:
+    """A path segment, quoted: ids are hex, but nothing from outside goes in a URL raw."""
+    return urllib.parse.quote(value, safe="")

@@ -1,0 +1,149 @@
+"""Eligibility and ordering of jobs for worker slots, as pure functions.
+
+The single source of truth for "may this slot run this job, and if not, why":
+each queue backend's claim query must agree with `explain`. Standard library only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from trainfleet.capability import Capability
+from trainfleet.manifest import HostSpec
+
+
+class JobLike(Protocol):
+    """The job fields matching reads; JobSpec and the queue's Job both have them."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def require_cuda(self) -> bool: ...
+    @property
+    def prefer_cuda(self) -> bool: ...
+    @property
+    def min_vram_gib(self) -> float: ...
+    @property
+    def min_ram_gib(self) -> float: ...
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]: ...
+    @property
+    def prefer_wait_s(self) -> float: ...
+    @property
+    def manifest_index(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which models a slot may run: an allow list (None = any) minus a deny list."""
+
+    allow: frozenset[str] | None = None
+    deny: frozenset[str] = frozenset()
+
+    def allows(self, model: str) -> bool:
+        return (self.allow is None or model in self.allow) and model not in self.deny
+
+
+def merge_policy(
+    host: HostSpec | None,
+    allow_jobs: Iterable[str] | None = None,
+    deny_jobs: Iterable[str] = (),
+) -> Policy:
+    """The manifest's host policy narrowed by the worker's own allow/deny lists."""
+    allow: frozenset[str] | None = None
+    if host is not None and host.allow_jobs is not None:
+        allow = frozenset(host.allow_jobs)
+    if allow_jobs is not None:
+        own = frozenset(allow_jobs)
+        allow = own if allow is None else allow & own
+    deny = frozenset(deny_jobs) | frozenset(host.deny_jobs if host else ())
+    return Policy(allow, deny)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One place a job can run: a host's capability, the slot's own VRAM and its policy."""
+
+    capability: Capability
+    vram_gib: float
+    policy: Policy = Policy()
+
+    @property
+    def cuda(self) -> bool:
+        return self.capability.cuda
+
+    @property
+    def hostname(self) -> str:
+        return self.capability.hostname
+
+
+def hard_reasons(job: JobLike, slot: Slot) -> list[str]:
+    """Every constraint of the job this slot fails, ignoring the CUDA preference."""
+    reasons = []
+    cap = slot.capability
+    if not slot.policy.allows(job.model):
+        if slot.policy.allow is not None and job.model not in slot.policy.allow:
+            allowed = ", ".join(sorted(slot.policy.allow)) or "nothing"
+            reasons.append(
+                f"host policy: {cap.hostname} only allows {allowed}, not {job.model!r}"
+            )
+        else:
+            reasons.append(f"host policy: {cap.hostname} denies {job.model!r}")
+    if job.require_cuda and not cap.cuda:
+        reasons.append(f"requires CUDA; {cap.hostname} has no CUDA GPU")
+    if job.min_vram_gib > slot.vram_gib:
+        reasons.append(f"needs {job.min_vram_gib:g} GiB VRAM; the slot has {slot.vram_gib:g}")
+    if job.min_ram_gib > cap.ram_gib:
+        reasons.append(f"needs {job.min_ram_gib:g} GiB RAM; {cap.hostname} has {cap.ram_gib:g}")
+    if job.allowed_hosts and cap.hostname not in job.allowed_hosts:
+        reasons.append(
+            f"allowed_hosts is {', '.join(job.allowed_hosts)}; this is {cap.hostname}"
+        )
+    return reasons
+
+
+def preference_reason(
+    job: JobLike, slot: Slot, cuda_slots: Sequence[Slot], waited_s: float
+) -> str | None:
+    """Why a prefer_cuda job should still wait for a CUDA slot instead of this CPU slot."""
+    if not job.prefer_cuda or slot.cuda or waited_s >= job.prefer_wait_s:
+        return None
+    able = [s.hostname for s in cuda_slots if not hard_reasons(job, s)]
+    if not able:
+        return None
+    left_s = job.prefer_wait_s - waited_s
+    return (
+        f"prefers CUDA and live CUDA host(s) {', '.join(sorted(set(able)))} can run it; "
+        f"CPU hosts may take it in {left_s:.0f} s"
+    )
+
+
+def explain(
+    job: JobLike, slot: Slot, cuda_slots: Sequence[Slot] = (), waited_s: float = 0.0
+) -> list[str]:
+    """Every reason this slot may not take the job now; empty means eligible.
+
+    `cuda_slots` are the live CUDA workers' slots; `waited_s` is how long the job
+    has been pending.
+    """
+    reasons = hard_reasons(job, slot)
+    preference = preference_reason(job, slot, cuda_slots, waited_s)
+    if preference:
+        reasons.append(preference)
+    return reasons
+
+
+def is_eligible(
+    job: JobLike, slot: Slot, cuda_slots: Sequence[Slot] = (), waited_s: float = 0.0
+) -> bool:
+    return not explain(job, slot, cuda_slots, waited_s)
+
+
+def rank_key(job: JobLike, cuda_slot: bool) -> tuple[int, int, int]:
+    """Sort key, best first: priority, then prefer_cuda on CUDA slots, then manifest order."""
+    prefer = int(job.prefer_cuda) if cuda_slot else 0
+    return (-job.priority, -prefer, job.manifest_index)

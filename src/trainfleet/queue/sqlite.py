@@ -1,0 +1,676 @@
+"""The embedded SQLite job queue: one database file in WAL mode, one connection.
+
+Every write is one `BEGIN IMMEDIATE` transaction, so concurrent processes
+serialise on the write lock instead of failing with "database is locked".
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any, cast
+
+from trainfleet import matching
+from trainfleet.capability import Capability
+from trainfleet.errors import (
+    AmbiguousJobId,
+    BadRequest,
+    IllegalTransition,
+    JobNotFound,
+    LeaseLost,
+    TrainfleetError,
+)
+from trainfleet.manifest import HostSpec, JobSpec, Manifest
+from trainfleet.queue.base import (
+    LIVE,
+    Attempt,
+    Claim,
+    Event,
+    FailureKind,
+    Job,
+    Status,
+    SyncResult,
+    WorkerInfo,
+)
+
+SCHEMA_VERSION = 1
+HEX = set("0123456789abcdef")
+
+# Hard constraints as SQL; matching.explain is applied to each candidate as well,
+# and a property test holds the two against each other.
+CLAIM_CANDIDATES = """
+SELECT * FROM jobs INDEXED BY {index}
+WHERE status = 'pending' AND orphaned = 0
+  AND (require_cuda = 0 OR :cuda = 1)
+  AND min_vram_gib <= :vram
+  AND min_ram_gib <= :ram
+  AND (allowed_hosts = '[]'
+       OR EXISTS (SELECT 1 FROM json_each(jobs.allowed_hosts) WHERE value = :hostname))
+  AND (:allow IS NULL OR model IN (SELECT value FROM json_each(:allow)))
+  AND model NOT IN (SELECT value FROM json_each(:deny))
+ORDER BY {order}
+"""
+ORDER_CPU = "priority DESC, manifest_index"
+ORDER_CUDA = "priority DESC, prefer_cuda DESC, manifest_index"
+
+MARK_CLAIMED = """
+UPDATE jobs SET status = 'claimed', lease = :lease, attempts = attempts + 1,
+       attempts_charged = attempts_charged + 1, worker_id = :worker_id,
+       hostname = :hostname, claimed_at = :now, heartbeat_at = :now, progress = NULL,
+       log_tail = NULL, updated_at = :now
+WHERE job_id = :job_id AND status = 'pending'
+"""
+
+UPSERT_WORKER = """
+INSERT INTO workers (worker_id, hostname, capability, allow_jobs, deny_jobs, slot_vram_gib,
+                     first_seen, last_seen)
+VALUES (:worker_id, :hostname, :capability, :allow, :deny, :vram, :now, :now)
+ON CONFLICT (worker_id) DO UPDATE SET
+    hostname = excluded.hostname, capability = excluded.capability,
+    allow_jobs = excluded.allow_jobs, deny_jobs = excluded.deny_jobs,
+    slot_vram_gib = excluded.slot_vram_gib, last_seen = excluded.last_seen
+"""
+
+INSERT_JOB = """
+INSERT INTO jobs (job_id, name, model, mode, hyper, split_recipe, train_hosts, seed, priority,
+                  require_cuda, prefer_cuda, min_vram_gib, min_ram_gib, allowed_hosts,
+                  max_attempts, timeout_s, prefer_wait_s, manifest_index, status,
+                  pending_since, created_at, updated_at)
+VALUES (:job_id, :name, :model, :mode, :hyper, :split_recipe, :train_hosts, :seed, :priority,
+        :require_cuda, :prefer_cuda, :min_vram_gib, :min_ram_gib, :allowed_hosts,
+        :max_attempts, :timeout_s, :prefer_wait_s, :manifest_index, 'pending',
+        :now, :now, :now)
+"""
+
+# Constraints follow the manifest only while the job waits; its place in the
+# manifest always does.
+UPDATE_PENDING_JOB = """
+UPDATE jobs SET name = :name, priority = :priority, require_cuda = :require_cuda,
+       prefer_cuda = :prefer_cuda, min_vram_gib = :min_vram_gib, min_ram_gib = :min_ram_gib,
+       allowed_hosts = :allowed_hosts, max_attempts = :max_attempts, timeout_s = :timeout_s,
+       prefer_wait_s = :prefer_wait_s, manifest_index = :manifest_index, orphaned = 0,
+       updated_at = :now
+WHERE job_id = :job_id
+"""
+UPDATE_PLACE = """
+UPDATE jobs SET manifest_index = :manifest_index, orphaned = 0
+WHERE job_id = :job_id AND (manifest_index != :manifest_index OR orphaned != 0)
+"""
+
+STALE_JOBS = """
+SELECT job_id, attempts, attempts_charged, max_attempts, worker_id FROM jobs
+WHERE status IN ('claimed', 'running') AND max(heartbeat_at, :since) < :cutoff
+"""
+
+# Fields whose change on reload counts as "updated" (while the job is pending).
+MUTABLE_FIELDS = (
+    "name", "priority", "require_cuda", "prefer_cuda", "min_vram_gib", "min_ram_gib",
+    "allowed_hosts", "max_attempts", "timeout_s", "prefer_wait_s",
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _spec_row(spec: JobSpec) -> dict[str, Any]:
+    return {
+        "job_id": spec.job_id,
+        "name": spec.name,
+        "model": spec.model,
+        "mode": spec.mode,
+        "hyper": _dumps(dict(spec.hyper)),
+        "split_recipe": spec.split_recipe,
+        "train_hosts": _dumps(list(spec.train_hosts)),
+        "seed": spec.seed,
+        "priority": spec.priority,
+        "require_cuda": int(spec.require_cuda),
+        "prefer_cuda": int(spec.prefer_cuda),
+        "min_vram_gib": spec.min_vram_gib,
+        "min_ram_gib": spec.min_ram_gib,
+        "allowed_hosts": _dumps(list(spec.allowed_hosts)),
+        "max_attempts": spec.max_attempts,
+        "timeout_s": spec.timeout_s,
+        "prefer_wait_s": spec.prefer_wait_s,
+        "manifest_index": spec.manifest_index,
+    }
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        job_id=row["job_id"],
+        name=row["name"],
+        model=row["model"],
+        mode=row["mode"],
+        hyper=json.loads(row["hyper"]),
+        split_recipe=row["split_recipe"],
+        train_hosts=tuple(json.loads(row["train_hosts"])),
+        seed=row["seed"],
+        priority=row["priority"],
+        require_cuda=bool(row["require_cuda"]),
+        prefer_cuda=bool(row["prefer_cuda"]),
+        min_vram_gib=row["min_vram_gib"],
+        min_ram_gib=row["min_ram_gib"],
+        allowed_hosts=tuple(json.loads(row["allowed_hosts"])),
+        max_attempts=row["max_attempts"],
+        timeout_s=row["timeout_s"],
+        prefer_wait_s=row["prefer_wait_s"],
+        manifest_index=row["manifest_index"],
+        orphaned=bool(row["orphaned"]),
+        status=Status(row["status"]),
+        attempts=row["attempts"],
+        attempts_charged=row["attempts_charged"],
+        worker_id=row["worker_id"],
+        hostname=row["hostname"],
+        progress=_loads(row["progress"]),
+        error=row["error"],
+        metrics=_loads(row["metrics"]),
+        artifact_id=row["artifact_id"],
+        pending_since=row["pending_since"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        heartbeat_at=row["heartbeat_at"],
+    )
+
+
+class SqliteQueue:
+    """JobQueue on one SQLite file. Thread-safe: one connection behind a lock."""
+
+    backend = "sqlite"
+
+    def __init__(
+        self, path: str | Path, *, stale_after_s: float = 600.0, synchronous: str = "FULL"
+    ) -> None:
+        self.path = Path(path)
+        self.stale_after_s = stale_after_s
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=60.0
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute(f"PRAGMA synchronous = {synchronous}")
+        self._db.execute("PRAGMA busy_timeout = 60000")
+        self._migrate()
+        self._hosts: dict[str, HostSpec] = self._load_hosts()
+
+    # -- plumbing ---------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE takes the write lock up front."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        schema = resources.files("trainfleet.queue").joinpath("sqlite.sql").read_text()
+        with self._lock:
+            self._db.executescript(schema)
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise TrainfleetError(
+                    f"{self.path}: schema version {row['value']} is newer than this release "
+                    f"reads ({SCHEMA_VERSION}); upgrade trainfleet"
+                )
+
+    def _load_hosts(self) -> dict[str, HostSpec]:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'hosts'").fetchone()
+        if row is None:
+            return {}
+        return {
+            name: HostSpec(name, None if h["allow"] is None else tuple(h["allow"]),
+                           tuple(h["deny"]))
+            for name, h in json.loads(row["value"]).items()
+        }
+
+    def _row(self, db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return cast(sqlite3.Row, row)
+
+    def _event(
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        kind: str,
+        now: float,
+        attempt: int | None = None,
+        worker_id: str | None = None,
+        **detail: Any,
+    ) -> None:
+        db.execute(
+            "INSERT INTO events (job_id, at, kind, attempt, worker_id, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, now, kind, attempt, worker_id, _dumps(detail)),
+        )
+
+    def _live_row(self, db: sqlite3.Connection, job_id: str, lease: str) -> sqlite3.Row:
+        row = self._row(db, job_id)
+        if row["lease"] is None or not secrets.compare_digest(row["lease"], lease):
+            raise LeaseLost(job_id)
+        if row["status"] not in LIVE:
+            raise LeaseLost(job_id, f"job is {row['status']}")
+        return row
+
+    def _end_attempt(
+        self, db: sqlite3.Connection, row: sqlite3.Row, outcome: str, error: str | None,
+        now: float,
+    ) -> None:
+        db.execute(
+            "UPDATE attempts SET ended_at = ?, outcome = ?, error = ? "
+            "WHERE job_id = ? AND attempt = ? AND ended_at IS NULL",
+            (now, outcome, error, row["job_id"], row["attempts"]),
+        )
+
+    # -- manifest ---------------------------------------------------------
+
+    def sync_manifest(self, manifest: Manifest, now: float | None = None) -> SyncResult:
+        """Idempotent reload: new ids are added, pending ones follow the manifest,
+        others keep their state, and ids no longer listed are marked orphaned."""
+        now = time.time() if now is None else now
+        wanted = {spec.job_id: _spec_row(spec) for spec in manifest.jobs}
+        hosts = {
+            name: {"allow": None if h.allow_jobs is None else list(h.allow_jobs),
+                   "deny": list(h.deny_jobs)}
+            for name, h in manifest.hosts.items()
+        }
+        added = updated = unchanged = 0
+        with self._write() as db:
+            existing = {
+                row["job_id"]: row
+                for row in db.execute(
+                    f"SELECT job_id, status, orphaned, manifest_index, {', '.join(MUTABLE_FIELDS)}"
+                    " FROM jobs"
+                )
+            }
+            inserts, pending_updates, place_updates = [], [], []
+            for job_id, row in wanted.items():
+                old = existing.get(job_id)
+                if old is None:
+                    inserts.append({**row, "now": now})
+                    added += 1
+                elif old["status"] == Status.PENDING and (
+                    old["orphaned"] or any(old[f] != row[f] for f in MUTABLE_FIELDS)
+                ):
+                    pending_updates.append({**row, "now": now})
+                    updated += 1
+                else:
+                    place_updates.append(
+                        {"job_id": job_id, "manifest_index": row["manifest_index"]}
+                    )
+                    if old["orphaned"]:
+                        updated += 1
+                    else:
+                        unchanged += 1
+            db.executemany(INSERT_JOB, inserts)
+            db.executemany(UPDATE_PLACE, place_updates)
+            db.executemany(UPDATE_PENDING_JOB, pending_updates)
+            db.executemany(
+                "INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, 'added', '{}')",
+                [(r["job_id"], now) for r in inserts],
+            )
+            gone = [(job_id,) for job_id in existing if job_id not in wanted]
+            db.executemany("UPDATE jobs SET orphaned = 1 WHERE job_id = ? AND orphaned = 0", gone)
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('hosts', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_dumps(hosts),),
+            )
+        self._hosts = dict(manifest.hosts)
+        return SyncResult(added, updated, unchanged, len(gone))
+
+    # -- the worker's calls -----------------------------------------------
+
+    def claim_next(
+        self,
+        worker_id: str,
+        capability: Capability,
+        slot_vram_gib: float | None = None,
+        own_allow: tuple[str, ...] | None = None,
+        own_deny: tuple[str, ...] = (),
+        now: float | None = None,
+    ) -> Claim | None:
+        """Atomically hand the best eligible pending job to this slot, or None."""
+        now = time.time() if now is None else now
+        vram = capability.max_vram_gib if slot_vram_gib is None else slot_vram_gib
+        policy = matching.merge_policy(self._hosts.get(capability.hostname), own_allow, own_deny)
+        slot = matching.Slot(capability, vram, policy)
+        with self._write() as db:
+            self._register(db, worker_id, slot, now)
+            row = self._pick(db, slot, now)
+            if row is None:
+                return None
+            lease = secrets.token_hex(16)
+            db.execute(
+                MARK_CLAIMED,
+                {"lease": lease, "worker_id": worker_id, "hostname": capability.hostname,
+                 "now": now, "job_id": row["job_id"]},
+            )
+            attempt = row["attempts"] + 1
+            db.execute(
+                "INSERT INTO attempts (job_id, attempt, worker_id, hostname, lease, started_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (row["job_id"], attempt, worker_id, capability.hostname, lease, now),
+            )
+            self._event(db, row["job_id"], "claimed", now, attempt, worker_id,
+                        hostname=capability.hostname)
+            job = _job(self._row(db, row["job_id"]))
+        return Claim(job, lease, attempt)
+
+    def _register(
+        self, db: sqlite3.Connection, worker_id: str, slot: matching.Slot, now: float
+    ) -> None:
+        allow = slot.policy.allow
+        db.execute(
+            UPSERT_WORKER,
+            {"worker_id": worker_id, "hostname": slot.hostname,
+             "capability": _dumps(slot.capability.to_dict()),
+             "allow": None if allow is None else _dumps(sorted(allow)),
+             "deny": _dumps(sorted(slot.policy.deny)), "vram": slot.vram_gib, "now": now},
+        )
+
+    def _pick(self, db: sqlite3.Connection, slot: matching.Slot, now: float) -> sqlite3.Row | None:
+        """Walk candidates in rank order; the first that matching accepts wins."""
+        index, order = ("jobs_pending_cuda", ORDER_CUDA) if slot.cuda else (
+            "jobs_pending_cpu", ORDER_CPU)
+        allow = slot.policy.allow
+        params = {
+            "cuda": int(slot.cuda), "vram": slot.vram_gib, "ram": slot.capability.ram_gib,
+            "hostname": slot.hostname,
+            "allow": None if allow is None else _dumps(sorted(allow)),
+            "deny": _dumps(sorted(slot.policy.deny)),
+        }
+        cuda_slots: list[matching.Slot] | None = None
+        for row in db.execute(CLAIM_CANDIDATES.format(index=index, order=order), params):
+            job = _job(row)
+            if job.prefer_cuda and not slot.cuda and cuda_slots is None:
+                cuda_slots = self._live_cuda_slots(db, now)
+            if matching.is_eligible(job, slot, cuda_slots or (), now - job.pending_since):
+                return cast(sqlite3.Row, row)
+        return None
+
+    def _live_cuda_slots(self, db: sqlite3.Connection, now: float) -> list[matching.Slot]:
+        return [
+            matching.Slot(w.capability, w.slot_vram_gib, w.policy)
+            for w in self._workers(db, now)
+            if w.alive and w.capability.cuda
+        ]
+
+    def check_lease(self, job_id: str, lease: str) -> Job:
+        """The job, if `lease` is its current live lease; LeaseLost otherwise."""
+        with self._lock:
+            return _job(self._live_row(self._db, job_id, lease))
+
+    def heartbeat(
+        self,
+        job_id: str,
+        lease: str,
+        progress: Mapping[str, Any] | None = None,
+        log_tail: str | None = None,
+        now: float | None = None,
+    ) -> str:
+        """Record liveness and progress; "cancel" when an operator cancelled the job."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = self._row(db, job_id)
+            if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
+                if row["status"] == Status.CANCELLED:
+                    return "cancel"
+            row = self._live_row(db, job_id, lease)
+            db.execute(
+                "UPDATE jobs SET status = 'running', heartbeat_at = ?, updated_at = ?, "
+                "progress = coalesce(?, progress), log_tail = coalesce(?, log_tail) "
+                "WHERE job_id = ?",
+                (now, now, None if progress is None else _dumps(dict(progress)), log_tail,
+                 job_id),
+            )
+            db.execute(
+                "UPDATE workers SET last_seen = ? WHERE worker_id = ?", (now, row["worker_id"])
+            )
+            if row["status"] == Status.CLAIMED:
+                self._event(db, job_id, "started", now, row["attempts"], row["worker_id"])
+        return "continue"
+
+    def complete(
+        self,
+        job_id: str,
+        lease: str,
+        artifact_id: str,
+        metrics: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> Job:
+        """Accept the job's result once; a repeat with the same lease and artifact is a no-op."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = self._row(db, job_id)
+            if (
+                row["status"] == Status.COMPLETED
+                and row["lease"] is not None
+                and secrets.compare_digest(row["lease"], lease)
+                and row["artifact_id"] == artifact_id
+            ):
+                return _job(row)
+            row = self._live_row(db, job_id, lease)
+            db.execute(
+                "UPDATE jobs SET status = 'completed', artifact_id = ?, metrics = ?, "
+                "progress = json_set(coalesce(progress, '{}'), '$.fraction', 1.0), error = NULL,"
+                " heartbeat_at = ?, updated_at = ? WHERE job_id = ?",
+                (artifact_id, _dumps(dict(metrics or {})), now, now, job_id),
+            )
+            self._end_attempt(db, row, "completed", None, now)
+            self._event(db, job_id, "completed", now, row["attempts"], row["worker_id"],
+                        artifact_id=artifact_id)
+            return _job(self._row(db, job_id))
+
+    def fail(
+        self,
+        job_id: str,
+        lease: str,
+        error: str,
+        retryable: bool = True,
+        kind: FailureKind = FailureKind.TRAINER_ERROR,
+        now: float | None = None,
+    ) -> Job:
+        """End this attempt; the job goes back to pending while attempts remain."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = self._live_row(db, job_id, lease)
+            charged = row["attempts_charged"]
+            if kind == FailureKind.WORKER_SHUTDOWN:
+                charged -= 1  # the worker was stopped: the training did not fail
+            retry = retryable and charged < row["max_attempts"]
+            self._finish(db, row, retry, kind.value, error, charged, now)
+            return _job(self._row(db, job_id))
+
+    def _finish(
+        self, db: sqlite3.Connection, row: sqlite3.Row, retry: bool, outcome: str,
+        error: str, charged: int, now: float,
+    ) -> None:
+        status = Status.PENDING if retry else Status.FAILED
+        db.execute(
+            "UPDATE jobs SET status = ?, lease = NULL, error = ?, attempts_charged = ?, "
+            "pending_since = CASE WHEN ? THEN ? ELSE pending_since END, updated_at = ? "
+            "WHERE job_id = ?",
+            (status.value, error, charged, retry, now, now, row["job_id"]),
+        )
+        self._end_attempt(db, row, outcome, error, now)
+        self._event(db, row["job_id"], "failed", now, row["attempts"], row["worker_id"],
+                    outcome=outcome, error=error[-2000:], retry=retry)
+
+    def sweep_stale(self, now: float | None = None, since: float = 0.0) -> list[str]:
+        """Requeue (or fail, once out of attempts) live jobs whose worker went silent.
+
+        `since` is the sweeping receiver's start: silence before it never counts.
+        """
+        now = time.time() if now is None else now
+        swept = []
+        with self._write() as db:
+            params = {"since": since, "cutoff": now - self.stale_after_s}
+            for stale in db.execute(STALE_JOBS, params).fetchall():
+                row = self._row(db, stale["job_id"])
+                retry = row["attempts_charged"] < row["max_attempts"]
+                error = f"lost worker {row['worker_id']}"
+                self._finish(db, row, retry, FailureKind.LOST_WORKER.value, error,
+                             row["attempts_charged"], now)
+                swept.append(row["job_id"])
+        return swept
+
+    # -- the operator's calls ---------------------------------------------
+
+    def cancel(self, job_id: str, now: float | None = None) -> Job:
+        """Stop a pending or live job; its worker learns it from the next heartbeat."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = self._row(db, job_id)
+            if row["status"] not in (Status.PENDING, *LIVE):
+                raise IllegalTransition(job_id, row["status"], "cancel")
+            db.execute(
+                "UPDATE jobs SET status = 'cancelled', error = 'cancelled by operator', "
+                "updated_at = ? WHERE job_id = ?",
+                (now, job_id),
+            )
+            if row["status"] in LIVE:
+                self._end_attempt(db, row, "cancelled", "cancelled by operator", now)
+            self._event(db, job_id, "cancelled", now, row["attempts"], row["worker_id"])
+            return _job(self._row(db, job_id))
+
+    def requeue(self, job_id: str, now: float | None = None) -> Job:
+        """Give a failed or cancelled job a fresh set of attempts."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = self._row(db, job_id)
+            if row["status"] not in (Status.FAILED, Status.CANCELLED):
+                raise IllegalTransition(job_id, row["status"], "requeue")
+            db.execute(
+                "UPDATE jobs SET status = 'pending', lease = NULL, attempts_charged = 0, "
+                "error = NULL, progress = NULL, pending_since = ?, updated_at = ? "
+                "WHERE job_id = ?",
+                (now, now, job_id),
+            )
+            self._event(db, job_id, "requeued", now, row["attempts"])
+            return _job(self._row(db, job_id))
+
+    # -- reads ------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            return _job(self._row(self._db, job_id))
+
+    def resolve(self, ref: str) -> str:
+        """A job id from a name, a full id or a unique id prefix of at least 8 hex digits."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id FROM jobs WHERE name = ? ORDER BY orphaned, manifest_index",
+                (ref,),
+            ).fetchall()
+            if rows:
+                return str(rows[0]["job_id"])
+            ref = ref.lower()
+            if len(ref) < 8 or len(ref) > 64 or not set(ref) <= HEX:
+                raise JobNotFound(ref)
+            rows = self._db.execute(
+                "SELECT job_id FROM jobs WHERE job_id >= ? AND job_id < ? LIMIT 11",
+                (ref, ref + "g"),
+            ).fetchall()
+        if not rows:
+            raise JobNotFound(ref)
+        if len(rows) > 1:
+            raise AmbiguousJobId(ref, [r["job_id"] for r in rows])
+        return str(rows[0]["job_id"])
+
+    def list_jobs(
+        self, status: str | None = None, model: str | None = None, host: str | None = None
+    ) -> list[Job]:
+        if status is not None and status not in {s.value for s in Status}:
+            raise BadRequest(
+                f"status: expected one of {', '.join(s.value for s in Status)}, got {status!r}"
+            )
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE (:status IS NULL OR status = :status) "
+                "AND (:model IS NULL OR model = :model) AND (:host IS NULL OR hostname = :host) "
+                "ORDER BY orphaned, manifest_index",
+                {"status": status, "model": model, "host": host},
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def history(self, job_id: str) -> list[Event]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)
+            ).fetchall()
+        return [
+            Event(r["job_id"], r["at"], r["kind"], r["attempt"], r["worker_id"],
+                  json.loads(r["detail"]))
+            for r in rows
+        ]
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
+            ).fetchall()
+        return [
+            Attempt(r["job_id"], r["attempt"], r["worker_id"], r["hostname"], r["started_at"],
+                    r["ended_at"], r["outcome"], r["error"])
+            for r in rows
+        ]
+
+    def workers(self, now: float | None = None) -> list[WorkerInfo]:
+        now = time.time() if now is None else now
+        with self._lock:
+            return self._workers(self._db, now)
+
+    def _workers(self, db: sqlite3.Connection, now: float) -> list[WorkerInfo]:
+        held: dict[str, list[str]] = {}
+        for r in db.execute(
+            "SELECT worker_id, job_id FROM jobs WHERE status IN ('claimed', 'running')"
+        ):
+            held.setdefault(r["worker_id"], []).append(r["job_id"])
+        workers = []
+        for r in db.execute("SELECT * FROM workers ORDER BY hostname, worker_id"):
+            allow = _loads(r["allow_jobs"])
+            policy = matching.Policy(
+                None if allow is None else frozenset(allow), frozenset(json.loads(r["deny_jobs"]))
+            )
+            workers.append(WorkerInfo(
+                worker_id=r["worker_id"], hostname=r["hostname"],
+                capability=Capability.from_dict(json.loads(r["capability"])), policy=policy,
+                slot_vram_gib=r["slot_vram_gib"], first_seen=r["first_seen"],
+                last_seen=r["last_seen"], alive=r["last_seen"] >= now - self.stale_after_s,
+                jobs=tuple(held.get(r["worker_id"], ())),
+            ))
+        return workers
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+            found = {r["status"]: r["n"] for r in rows}
+        return {s.value: found.get(s.value, 0) for s in Status}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,90 @@
+-- trainfleet's SQLite schema (schema_version 1). Timestamps are unix seconds (REAL).
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id           TEXT PRIMARY KEY,
+    name             TEXT NOT NULL,
+    model            TEXT NOT NULL,
+    mode             TEXT NOT NULL,
+    hyper            TEXT NOT NULL,            -- JSON object
+    split_recipe     TEXT,
+    train_hosts      TEXT NOT NULL,            -- JSON array
+    seed             INTEGER NOT NULL,
+    priority         INTEGER NOT NULL,
+    require_cuda     INTEGER NOT NULL,
+    prefer_cuda      INTEGER NOT NULL,
+    min_vram_gib     REAL NOT NULL,
+    min_ram_gib      REAL NOT NULL,
+    allowed_hosts    TEXT NOT NULL,            -- JSON array; '[]' = any host
+    max_attempts     INTEGER NOT NULL,
+    timeout_s        REAL NOT NULL,
+    prefer_wait_s    REAL NOT NULL,
+    manifest_index   INTEGER NOT NULL,
+    orphaned         INTEGER NOT NULL DEFAULT 0,
+    status           TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    attempts_charged INTEGER NOT NULL DEFAULT 0,
+    lease            TEXT,
+    worker_id        TEXT,
+    hostname         TEXT,
+    progress         TEXT,                     -- JSON object
+    log_tail         TEXT,
+    error            TEXT,
+    metrics          TEXT,                     -- JSON object
+    artifact_id      TEXT,
+    pending_since    REAL NOT NULL,
+    claimed_at       REAL,
+    heartbeat_at     REAL,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL
+);
+
+-- The claim walks one of these in rank order, so its cost does not grow with depth.
+CREATE INDEX IF NOT EXISTS jobs_pending_cpu
+    ON jobs (priority DESC, manifest_index)
+    WHERE status = 'pending' AND orphaned = 0;
+CREATE INDEX IF NOT EXISTS jobs_pending_cuda
+    ON jobs (priority DESC, prefer_cuda DESC, manifest_index)
+    WHERE status = 'pending' AND orphaned = 0;
+CREATE INDEX IF NOT EXISTS jobs_live
+    ON jobs (heartbeat_at)
+    WHERE status IN ('claimed', 'running');
+CREATE INDEX IF NOT EXISTS jobs_name ON jobs (name);
+
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id     TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    worker_id  TEXT NOT NULL,
+    hostname   TEXT NOT NULL,
+    lease      TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at   REAL,
+    outcome    TEXT,
+    error      TEXT,
+    PRIMARY KEY (job_id, attempt)
+);
+
+CREATE TABLE IF NOT EXISTS events (
+    id        INTEGER PRIMARY KEY,
+    job_id    TEXT NOT NULL,
+    at        REAL NOT NULL,
+    kind      TEXT NOT NULL,
+    attempt   INTEGER,
+    worker_id TEXT,
+    detail    TEXT NOT NULL DEFAULT '{}'       -- JSON object
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id     TEXT PRIMARY KEY,
+    hostname      TEXT NOT NULL,
+    capability    TEXT NOT NULL,               -- JSON object
+    allow_jobs    TEXT,                        -- JSON array or NULL (= any)
+    deny_jobs     TEXT NOT NULL,               -- JSON array
+    slot_vram_gib REAL NOT NULL,
+    first_seen    REAL NOT NULL,
+    last_seen     REAL NOT NULL
+);

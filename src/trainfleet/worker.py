@@ -1,0 +1,580 @@
+"""The worker daemon: claim a job, run the project's trainer, deliver its bundle, repeat.
+
+Standard library only. A finished attempt is spooled to disk before any upload, so nothing
+trained is lost to a receiver outage or a worker restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from trainfleet import bundle
+from trainfleet.capability import Capability, detect, self_test
+from trainfleet.client import Client
+from trainfleet.errors import LeaseLost, ReceiverError, ReceiverUnreachable, TrainfleetError
+
+log = logging.getLogger("trainfleet.worker")
+
+CHILD_POLL_S = 0.2
+LOG_TAIL_BYTES = 4096  #: sent with each heartbeat
+ERROR_TAIL_BYTES = 2048  #: sent as a failed attempt's error
+MAX_LOG_BYTES = 8 << 20  #: the most of a trainer log uploaded (its end)
+MAX_MESSAGE_CHARS = 500
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+PROGRESS_TYPES: dict[str, tuple[type, ...]] = {
+    "fraction": (int, float),
+    "step": (int,),
+    "message": (str,),
+}
+
+if sys.platform == "win32":
+    _NEW_PROCESS_GROUP = subprocess.CREATE_NEW_PROCESS_GROUP
+    _STOP_SIGNALS = (signal.SIGINT, signal.SIGBREAK)  # Ctrl-C, Ctrl-Break / service stop
+else:
+    _NEW_PROCESS_GROUP = 0
+    _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # kill <pid> / systemd stop, Ctrl-C
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    receiver_url: str
+    workdir: Path  #: where the trainer command runs (the project checkout)
+    state_dir: Path  #: spool/, jobs/<job_id>/<attempt>/ and the worker_id file
+    token: str | None = None
+    worker_id: str | None = None  #: default "<hostname>-<8 hex>", kept in state_dir/worker_id
+    allow_jobs: tuple[str, ...] | None = None
+    deny_jobs: tuple[str, ...] = ()
+    heartbeat_interval_s: float = 30.0
+    poll_interval_s: float = 10.0
+    once: bool = False  #: claim and run at most one job, then exit
+    max_jobs: int | None = None
+    capability_file: Path | None = None
+    shutdown_grace_s: float = 10.0
+    python: str = sys.executable
+
+
+class _Outcome(Enum):
+    EXITED = "exited"  #: the trainer exited by itself; see its return code
+    CANCELLED = "cancelled"  #: the operator cancelled the job
+    FENCED = "fenced"  #: the receiver answered 409: our lease is no longer the job's
+    TIMEOUT = "timeout"  #: the job's timeout_s ran out
+    SHUTDOWN = "shutdown"  #: the worker was asked to stop
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One claim of a job, and where its files live on this worker."""
+
+    job_id: str
+    lease: str
+    attempt: int
+    run_dir: Path
+
+    @property
+    def short(self) -> str:
+        return self.job_id[:12]
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run_dir / "out"
+
+    @property
+    def hyper_path(self) -> Path:
+        return self.run_dir / "hyper.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "trainer.log"
+
+    @property
+    def progress_path(self) -> Path:
+        return self.run_dir / "progress.json"
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """A spool record: everything needed to deliver a finished attempt after a restart."""
+
+    job_id: str
+    lease: str
+    attempt: int
+    artifact_id: str
+    bundle: str
+    size: int
+    metrics: dict[str, Any]
+    log: str
+
+
+class Worker:
+    """Runs one slot: claims jobs that fit this host and sees each through to a report."""
+
+    def __init__(
+        self, settings: WorkerSettings, client: Client, capability: Capability | None = None
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.capability = capability
+        # Absolute, because the trainer runs in workdir and gets these paths as arguments.
+        self.state_dir = settings.state_dir.resolve()
+        self.spool_dir = self.state_dir / "spool"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        hostname = capability.hostname if capability else socket.gethostname().split(".")[0]
+        self.worker_id = settings.worker_id or _load_worker_id(self.state_dir, hostname)
+        self._stopping = False
+        self._wake = threading.Event()
+
+    def run(self) -> int:
+        """Claim and run jobs until asked to stop, or `once` / `max_jobs` says; the exit code."""
+        if not self._ready():
+            return 1
+        done = 0
+        while not self._stopping:
+            try:
+                ran = self.run_once()
+            except ReceiverUnreachable as exc:
+                log.warning("%s; trying again in %g s", exc, self.settings.poll_interval_s)
+                if self.settings.once:
+                    return 1
+                ran = False
+            except ReceiverError as exc:
+                log.error("the receiver refused this worker: %s", exc)
+                return 1
+            done += ran
+            max_jobs = self.settings.max_jobs
+            if self.settings.once or (max_jobs is not None and done >= max_jobs):
+                break
+            if not ran:
+                self._wake.wait(self.settings.poll_interval_s)
+        log.info("worker %s stopped after %d job(s)", self.worker_id, done)
+        return 0
+
+    def run_once(self) -> bool:
+        """Deliver spooled results, then claim one job and run it; True when a job ran."""
+        self._deliver_spool()
+        if self._stopping:
+            return False
+        cap = self._capability()
+        allow = self.settings.allow_jobs
+        claim = self.client.claim(
+            self.worker_id,
+            cap.to_dict(),
+            slot=0,
+            slot_vram_gib=cap.max_vram_gib,
+            allow_jobs=None if allow is None else list(allow),
+            deny_jobs=list(self.settings.deny_jobs),
+        )
+        if claim is None:
+            return False
+        self._run_job(claim)
+        return True
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop: no new claims, and a running trainer is terminated."""
+        self._stopping = True
+        # Event.set takes a lock that the interrupted main thread may hold inside
+        # Event.wait; setting it from a helper thread cannot deadlock a signal handler.
+        threading.Thread(target=self._wake.set, name="trainfleet-stop", daemon=True).start()
+
+    def install_signal_handlers(self) -> None:
+        """Make SIGTERM/SIGINT (SIGINT/SIGBREAK on Windows) request a stop; main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("signal handlers can only be installed from the main thread")
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.request_stop()
+
+    # --- capability ---------------------------------------------------------
+
+    def _capability(self) -> Capability:
+        if self.capability is None:
+            self.capability = detect(
+                self.settings.workdir, override_file=self.settings.capability_file
+            )
+        return self.capability
+
+    def _ready(self) -> bool:
+        """Detect this host and self-test it; False (and why, logged) when it cannot train."""
+        cap = self._capability()
+        log.info("worker %s: %s", self.worker_id, _describe(cap))
+        for probe, why in cap.problems:
+            log.warning("capability %s unknown: %s", probe, why)
+        problems = self_test(cap, python=self.settings.python)
+        for problem in problems:
+            log.error("self-test: %s", problem)
+        return not problems
+
+    # --- one job ------------------------------------------------------------
+
+    def _run_job(self, claim: dict[str, Any]) -> None:
+        """See one claimed attempt from spawn to report; each outcome ends in one call."""
+        job = claim["job"]
+        att = _Attempt(
+            job_id=job["job_id"],
+            lease=claim["lease"],
+            attempt=int(claim["attempt"]),
+            run_dir=self.state_dir / "jobs" / job["job_id"] / str(claim["attempt"]),
+        )
+        what = f"{job.get('name')}, model {job.get('model')}, mode {job.get('mode')}"
+        log.info("claimed job %s (%s, attempt %d)", att.short, what, att.attempt)
+        _prepare_run_dir(att, job.get("hyper") or {})
+        try:
+            argv = fill_command(claim["command"], self._placeholders(job, att))
+        except TrainfleetError as exc:
+            self._report_failure(att, "trainer_error", exc.message, retryable=False)
+            return
+        try:
+            child = self._spawn(argv, att)
+        except OSError as exc:
+            self._report_failure(att, "trainer_error", f"cannot start {argv}: {exc}", True)
+            return
+
+        timeout_s = None if claim.get("timeout_s") is None else float(claim["timeout_s"])
+        interval_s = min(
+            self.settings.heartbeat_interval_s,
+            float(claim.get("heartbeat_interval_s") or self.settings.heartbeat_interval_s),
+        )
+        started = time.monotonic()
+        outcome = self._supervise(child, att, timeout_s, interval_s)
+        elapsed_s = time.monotonic() - started
+
+        if outcome is _Outcome.EXITED and child.returncode == 0:
+            log.info("job %s: trainer finished in %.0f s", att.short, elapsed_s)
+            record = self._spool(att)
+            if record is not None:
+                self._deliver(record)
+        elif outcome is _Outcome.EXITED:
+            rc = child.returncode
+            log.warning("job %s: trainer exited %d after %.0f s", att.short, rc, elapsed_s)
+            error = f"trainer exited {child.returncode}:\n{_tail(att.log_path, ERROR_TAIL_BYTES)}"
+            self._report_failure(att, "trainer_error", error, retryable=True)
+        elif outcome is _Outcome.TIMEOUT:
+            log.warning("job %s: timed out after %.0f s; trainer stopped", att.short, elapsed_s)
+            error = f"timed out after {timeout_s:g} s:\n{_tail(att.log_path, ERROR_TAIL_BYTES)}"
+            self._report_failure(att, "timeout", error, retryable=True)
+        elif outcome is _Outcome.SHUTDOWN:
+            log.info("job %s: worker shutting down; trainer stopped", att.short)
+            self._report_failure(att, "worker_shutdown", "worker shutting down", retryable=True)
+        elif outcome is _Outcome.CANCELLED:
+            log.info("job %s: cancelled by the operator; trainer stopped", att.short)
+        else:
+            log.warning("job %s: lease lost; trainer stopped, nothing reported", att.short)
+
+    def _placeholders(self, job: dict[str, Any], att: _Attempt) -> dict[str, str]:
+        seed = job.get("seed")
+        return {
+            "python": self.settings.python,
+            "model": str(job["model"]),
+            "mode": str(job["mode"]),
+            "seed": "" if seed is None else str(seed),
+            "split_recipe": str(job.get("split_recipe") or ""),
+            "train_hosts": ",".join(job.get("train_hosts") or ()),
+            "hyper_json": str(att.hyper_path),
+            "output_dir": str(att.out_dir),
+            "job_id": att.job_id,
+        }
+
+    def _spawn(self, argv: list[str], att: _Attempt) -> subprocess.Popen[bytes]:
+        """Start the trainer in its own process group, stdout and stderr into trainer.log."""
+        env = os.environ | {
+            "TRAINFLEET_JOB_ID": att.job_id,
+            "TRAINFLEET_ATTEMPT": str(att.attempt),
+            "TRAINFLEET_OUTPUT_DIR": str(att.out_dir),
+            "TRAINFLEET_PROGRESS_FILE": str(att.progress_path),
+            "TRAINFLEET_RECEIVER": self.settings.receiver_url,
+        }
+        env.setdefault("PYTHONUNBUFFERED", "1")  # so heartbeat log tails are live
+        with open(att.log_path, "ab") as log_file:
+            return subprocess.Popen(
+                argv,
+                cwd=self.settings.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=sys.platform != "win32",
+                creationflags=_NEW_PROCESS_GROUP,
+            )
+
+    def _supervise(
+        self,
+        child: subprocess.Popen[bytes],
+        att: _Attempt,
+        timeout_s: float | None,
+        interval_s: float,
+    ) -> _Outcome:
+        """Watch the trainer, heartbeating when due; stop it on cancel, 409, timeout or stop."""
+        started = time.monotonic()
+        next_beat = started
+        while child.poll() is None:
+            now = time.monotonic()
+            outcome: _Outcome | None = None
+            if self._stopping:
+                outcome = _Outcome.SHUTDOWN
+            elif timeout_s is not None and now - started >= timeout_s:
+                outcome = _Outcome.TIMEOUT
+            elif now >= next_beat:
+                outcome = self._beat(att)
+                next_beat = now + interval_s
+            if outcome is not None:
+                self._terminate(child)
+                return outcome
+            self._wake.wait(CHILD_POLL_S)
+        return _Outcome.EXITED
+
+    def _beat(self, att: _Attempt) -> _Outcome | None:
+        """One heartbeat; the outcome it forces, or None to keep training."""
+        try:
+            action = self.client.heartbeat(
+                att.job_id,
+                att.lease,
+                progress=read_progress(att.progress_path),
+                log_tail=_tail(att.log_path, LOG_TAIL_BYTES),
+            )
+        except LeaseLost:
+            return _Outcome.FENCED
+        except TrainfleetError as exc:
+            # The stale sweep allows minutes; an outage alone must not waste the training.
+            log.warning("job %s: heartbeat failed, training on: %s", att.short, exc)
+            return None
+        return _Outcome.CANCELLED if action == "cancel" else None
+
+    def _terminate(self, child: subprocess.Popen[bytes]) -> None:
+        """Stop the trainer's whole group: a polite signal, shutdown_grace_s, then kill."""
+        _signal_group(child, kill=False)
+        try:
+            child.wait(timeout=self.settings.shutdown_grace_s)
+        except subprocess.TimeoutExpired:
+            grace_s = self.settings.shutdown_grace_s
+            log.warning(
+                "trainer %d ignored the stop signal for %g s; killing it", child.pid, grace_s
+            )
+        # Kill in any case: helpers the trainer started (data loaders) may outlive it.
+        _signal_group(child, kill=True)
+        child.wait()
+
+    def _report_failure(self, att: _Attempt, kind: str, error: str, retryable: bool) -> None:
+        """Send the log while the lease is surely current, then report the failed attempt."""
+        self._upload_log(att.job_id, att.lease, att.attempt, att.log_path)
+        try:
+            job = self.client.fail(att.job_id, att.lease, error, retryable, kind)
+        except LeaseLost:
+            log.warning("job %s: lease lost; failure (%s) not recorded", att.short, kind)
+        except TrainfleetError as exc:
+            log.error("job %s: could not report failure (%s): %s", att.short, kind, exc)
+        else:
+            log.warning("job %s failed (%s); job is now %s", att.short, kind, job.get("status"))
+
+    # --- spool and delivery -------------------------------------------------
+
+    def _spool(self, att: _Attempt) -> Path | None:
+        """Bundle the output and record it durably before any upload; the record's path."""
+        name = f"{att.job_id}-{att.attempt}"
+        try:
+            made = bundle.create(att.out_dir, self.spool_dir / f"{name}.bundle")
+        except (OSError, ValueError, TrainfleetError) as exc:
+            self._report_failure(att, "trainer_error", f"cannot bundle the output: {exc}", True)
+            return None
+        delivery = _Delivery(
+            job_id=att.job_id,
+            lease=att.lease,
+            attempt=att.attempt,
+            artifact_id=made.artifact_id,
+            bundle=str(made.path),
+            size=made.size,
+            metrics=_read_metrics(att.out_dir / "metrics.json"),
+            log=str(att.log_path),
+        )
+        record = self.spool_dir / f"{name}.json"
+        _write_atomic(record, json.dumps(asdict(delivery), indent=2))
+        log.info("job %s: bundled %d bytes as %s", att.short, made.size, made.artifact_id[:12])
+        return record
+
+    def _deliver_spool(self) -> None:
+        """Retry every finished attempt still in the spool (after an outage or a restart)."""
+        for record in sorted(self.spool_dir.glob("*.json")):
+            if not self._deliver(record):
+                break  # the receiver is unreachable: the rest would fail the same way
+
+    def _deliver(self, record: Path) -> bool:
+        """Upload, log and complete one spooled attempt; False while the receiver is unreachable.
+
+        Only success or a 409 clears the record. Any other refusal keeps it: a receiver
+        fixed later accepts it, or its stale sweep requeues the job and then fences us.
+        """
+        try:
+            d = _Delivery(**json.loads(record.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("%s: unreadable spool record, set aside: %s", record, exc)
+            record.replace(record.with_suffix(".corrupt"))
+            return True
+        try:
+            self._upload_bundle(d)
+            self._upload_log(d.job_id, d.lease, d.attempt, Path(d.log))
+            self.client.complete(d.job_id, d.lease, d.artifact_id, d.metrics)
+            log.info("job %s: completed with artifact %s", d.job_id[:12], d.artifact_id[:12])
+        except LeaseLost as exc:
+            log.warning("job %s: %s; its result is discarded", d.job_id[:12], exc.message)
+        except ReceiverUnreachable as exc:
+            log.warning("job %s: result kept in the spool: %s", d.job_id[:12], exc)
+            return False
+        except (TrainfleetError, OSError) as exc:
+            log.error("job %s: delivery refused, kept in the spool: %s", d.job_id[:12], exc)
+            return True
+        record.unlink(missing_ok=True)
+        Path(d.bundle).unlink(missing_ok=True)
+        return True
+
+    def _upload_bundle(self, d: _Delivery) -> None:
+        if self.client.has_artifact(d.artifact_id):
+            log.info("job %s: artifact %s already stored", d.job_id[:12], d.artifact_id[:12])
+            return
+        self.client.upload(d.artifact_id, Path(d.bundle), d.job_id, d.lease)
+        log.info("job %s: uploaded %d bytes", d.job_id[:12], d.size)
+
+    def _upload_log(self, job_id: str, lease: str, attempt: int, path: Path) -> None:
+        """Best effort: a lost log must never cost a trained model or a failure report."""
+        try:
+            self.client.upload_log(job_id, lease, attempt, _tail(path, MAX_LOG_BYTES))
+        except TrainfleetError as exc:
+            log.warning("job %s: trainer log not uploaded: %s", job_id[:12], exc)
+
+
+def fill_command(template: list[str], values: dict[str, str]) -> list[str]:
+    """The trainer's argv: each `{name}` replaced by values[name]; an unknown name is an error."""
+    return [_fill_arg(position, arg, values) for position, arg in enumerate(template)]
+
+
+def _fill_arg(position: int, arg: str, values: dict[str, str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            known = ", ".join(f"{{{key}}}" for key in sorted(values))
+            raise TrainfleetError(
+                f"trainer.command[{position}] {arg!r}: unknown placeholder {{{name}}}"
+                f" (known: {known})",
+                detail={"position": position, "placeholder": name},
+            )
+        return values[name]
+
+    return PLACEHOLDER.sub(substitute, str(arg))
+
+
+def read_progress(path: Path) -> dict[str, Any] | None:
+    """The trainer's progress file as a heartbeat's progress, or None when there is none.
+
+    The trainer may be mid-write or write anything at all, and a bad file must never cost a
+    heartbeat: only the known keys with sane values are passed on.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    progress = {key: value for key, value in data.items() if _is_progress_value(key, value)}
+    return progress or None
+
+
+def _is_progress_value(key: str, value: Any) -> bool:
+    types = PROGRESS_TYPES.get(key)
+    if types is None or isinstance(value, bool) or not isinstance(value, types):
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value)  # NaN is not JSON the receiver can read
+    return not isinstance(value, str) or len(value) <= MAX_MESSAGE_CHARS
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """metrics.json when the trainer wrote a JSON object there; {} otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _tail(path: Path, max_bytes: int) -> str:
+    """The last max_bytes of a file as text ("" when unreadable), without reading the rest."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - max_bytes))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _prepare_run_dir(att: _Attempt, hyper: dict[str, Any]) -> None:
+    """A fresh, empty output dir (a rerun attempt must not inherit files) and the hyper JSON."""
+    shutil.rmtree(att.run_dir, ignore_errors=True)
+    att.out_dir.mkdir(parents=True)
+    att.hyper_path.write_text(json.dumps(hyper, indent=2, sort_keys=True), encoding="utf-8")
+    att.log_path.touch()
+
+
+def _signal_group(child: subprocess.Popen[bytes], kill: bool) -> None:
+    try:
+        if sys.platform == "win32":
+            if kill:
+                child.kill()
+            else:
+                child.send_signal(signal.CTRL_BREAK_EVENT)
+        else:
+            os.killpg(child.pid, signal.SIGKILL if kill else signal.SIGTERM)
+    except OSError:
+        pass  # already gone
+
+
+def _load_worker_id(state_dir: Path, hostname: str) -> str:
+    """This host's worker id, made once and kept, so a restarted worker keeps its identity."""
+    path = state_dir / "worker_id"
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    worker_id = f"{hostname}-{secrets.token_hex(4)}"
+    _write_atomic(path, worker_id + "\n")
+    return worker_id
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a synced temp file and a rename: a crash leaves the old file or the new one."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _describe(cap: Capability) -> str:
+    gpus = ", ".join(f"{gpu.name} ({gpu.vram_gib:g} GiB)" for gpu in cap.gpus) or "none"
+    return (
+        f"host {cap.hostname}: {cap.cpu_count} cores, {cap.ram_gib:g} GiB RAM,"
+        f" CUDA {'yes' if cap.cuda else 'no'}, GPUs: {gpus}"
+    )

@@ -1,0 +1,256 @@
+"""The local artifact store: verified uploads, the on-disk layout, the index and its repair."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainfleet import bundle
+from trainfleet.errors import ArtifactNotFound, BadRequest, DigestMismatch, PayloadTooLarge
+from trainfleet.store import LocalStore
+
+MB = 1 << 20
+
+
+def gzip_bundle(content: bytes) -> tuple[str, bytes]:
+    data = gzip.compress(content, mtime=0)
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def upload(
+    store: LocalStore,
+    data: bytes,
+    artifact_id: str | None = None,
+    *,
+    model: str = "gbt",
+    mode: str = "realistic",
+    max_bytes: int = MB,
+    chunk: int = 100,
+) -> bool:
+    """Stream `data` in chunks, as the receiver does with a request body."""
+    artifact_id = artifact_id or hashlib.sha256(data).hexdigest()
+    with store.begin_upload(artifact_id, max_bytes) as up:
+        for start in range(0, len(data), chunk):
+            up.write(data[start : start + chunk])
+        return up.commit(job_id="job-1", model=model, mode=mode, host="cpu-a")
+
+
+def index_rows(root: Path) -> list[dict[str, Any]]:
+    text = (root / "index.jsonl").read_text() if (root / "index.jsonl").exists() else ""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_upload_creates_the_layout_and_one_index_row(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "models")
+    artifact_id, data = gzip_bundle(b"weights" * 1000)
+    assert upload(store, data) is True
+    expected = tmp_path / "models" / "gbt_realistic" / artifact_id / "bundle.tar.gz"
+    assert store.has(artifact_id)
+    assert store.path(artifact_id) == expected
+    assert expected.read_bytes() == data
+    assert files_under(tmp_path / "models") == [
+        f"gbt_realistic/{artifact_id}/bundle.tar.gz",
+        "index.jsonl",
+    ]
+    [row] = index_rows(tmp_path / "models")
+    assert row == store.entry(artifact_id) == store.entries()[0]
+    assert set(row) == {
+        "artifact_id",
+        "job_id",
+        "model",
+        "mode",
+        "size",
+        "host",
+        "compression",
+        "stored_at",
+    }
+    assert (row["artifact_id"], row["job_id"], row["host"]) == (artifact_id, "job-1", "cpu-a")
+    assert (row["model"], row["mode"], row["size"]) == ("gbt", "realistic", len(data))
+    assert row["compression"] == "gzip"
+
+
+@pytest.mark.skipif(not bundle.zstd_available(), reason="zstandard not installed")
+def test_a_real_zstd_bundle_is_stored_as_tar_zst(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.bin").write_bytes(b"\x01" * 4096)
+    made = bundle.create(tmp_path / "out", tmp_path / "b", compression="zstd")
+    store = LocalStore(tmp_path / "models")
+    assert upload(store, made.path.read_bytes(), made.artifact_id, model="mlp", mode="oracle")
+    assert store.path(made.artifact_id).name == "bundle.tar.zst"
+    assert store.entry(made.artifact_id)["compression"] == "zstd"
+
+
+def test_store_reloads_its_index(tmp_path: Path) -> None:
+    artifact_id, data = gzip_bundle(b"a")
+    upload(LocalStore(tmp_path), data)
+    again = LocalStore(tmp_path)
+    assert again.has(artifact_id)
+    assert again.entry(artifact_id)["job_id"] == "job-1"
+    assert len(index_rows(tmp_path)) == 1
+
+
+def test_wrong_digest_leaves_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    _, data = gzip_bundle(b"real")
+    claimed = hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(DigestMismatch):
+        upload(store, data, claimed)
+    assert not store.has(claimed)
+    assert files_under(tmp_path) == []  # no bundle, no temp file, no index
+    assert [p.name for p in tmp_path.iterdir()] == [".tmp"]
+
+
+def test_over_max_bytes_raises_and_leaves_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    artifact_id, data = gzip_bundle(bytes(range(256)) * 40)
+    up = store.begin_upload(artifact_id, max_bytes=len(data) - 1)
+    with pytest.raises(PayloadTooLarge):
+        for start in range(0, len(data), 64):
+            up.write(data[start : start + 64])
+    assert files_under(tmp_path) == []
+    with pytest.raises(ValueError, match="finished"):
+        up.commit(job_id="j", model="gbt", mode="realistic", host="h")
+    assert not store.has(artifact_id)
+
+
+def test_second_upload_of_a_stored_artifact_is_not_rewritten(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    artifact_id, data = gzip_bundle(b"same bytes")
+    assert upload(store, data) is True
+    before = store.path(artifact_id).stat()
+    assert upload(store, data, model="other", mode="mode") is False
+    after = store.path(artifact_id).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert len(index_rows(tmp_path)) == 1
+    assert files_under(tmp_path) == [f"gbt_realistic/{artifact_id}/bundle.tar.gz", "index.jsonl"]
+
+
+def test_concurrent_commits_of_one_artifact_store_it_once(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    _, data = gzip_bundle(b"raced")
+    results: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(upload(store, data))) for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+    assert len(index_rows(tmp_path)) == 1
+    assert list((tmp_path / ".tmp").iterdir()) == []
+
+
+def test_purge_temp_removes_leftovers(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    (tmp_path / ".tmp" / "crashed.part").write_bytes(b"half an upload")
+    (tmp_path / ".tmp" / "another.part").write_bytes(b"")
+    assert LocalStore(tmp_path).purge_temp() == 2
+    assert store.purge_temp() == 0
+    assert list((tmp_path / ".tmp").iterdir()) == []
+
+
+def test_aborted_upload_leaves_no_temp_file(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    artifact_id, data = gzip_bundle(b"x")
+    with pytest.raises(RuntimeError):
+        with store.begin_upload(artifact_id, MB) as up:
+            up.write(data)
+            raise RuntimeError("client went away")
+    up.abort()  # idempotent
+    assert files_under(tmp_path) == []
+
+
+def test_index_is_repaired_from_bundles_on_disk(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    kept_id, kept = gzip_bundle(b"kept")
+    lost_id, lost = gzip_bundle(b"lost")
+    upload(store, kept)
+    upload(store, lost, model="mlp_small", mode="oracle")
+    rows = index_rows(tmp_path)
+    # As if the receiver crashed between the rename and the index append:
+    (tmp_path / "index.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if r["artifact_id"] == kept_id)
+    )
+    repaired = LocalStore(tmp_path)
+    assert repaired.has(lost_id) and repaired.has(kept_id)
+    row = repaired.entry(lost_id)
+    assert (row["model"], row["mode"], row["job_id"], row["host"]) == (
+        "mlp_small",
+        "oracle",
+        None,
+        None,
+    )
+    assert (row["size"], row["compression"]) == (len(lost), "gzip")
+    assert [r["artifact_id"] for r in index_rows(tmp_path)] == [kept_id, lost_id]
+    assert len(index_rows(LocalStore(tmp_path).root)) == 2  # repaired once, not again
+
+
+def test_torn_last_index_line_is_dropped_and_repaired(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    artifact_id, data = gzip_bundle(b"torn")
+    upload(store, data)
+    line = (tmp_path / "index.jsonl").read_text()
+    (tmp_path / "index.jsonl").write_text(line[: len(line) // 2])  # crash mid-append
+    repaired = LocalStore(tmp_path)
+    assert repaired.entry(artifact_id)["model"] == "gbt"
+    assert [r["artifact_id"] for r in index_rows(tmp_path)] == [artifact_id]
+
+
+@pytest.mark.parametrize(
+    "artifact_id", ["", "abc", "A" * 64, "g" * 64, "0" * 63, "0" * 65, "../" + "0" * 61]
+)
+def test_bad_artifact_id_is_refused(tmp_path: Path, artifact_id: str) -> None:
+    with pytest.raises(BadRequest, match="^sha256: "):
+        LocalStore(tmp_path).begin_upload(artifact_id, MB)
+    assert list((tmp_path / ".tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("field", ["model", "mode"])
+@pytest.mark.parametrize("value", ["", ".", "..", "../up", "a/b", "a\\b", "sp ace", "é"])
+def test_unsafe_model_or_mode_is_refused(tmp_path: Path, field: str, value: str) -> None:
+    store = LocalStore(tmp_path)
+    _, data = gzip_bundle(b"x")
+    with pytest.raises(BadRequest, match=f"^{field}: "):
+        names = {"model": "gbt", "mode": "realistic", field: value}
+        upload(store, data, model=names["model"], mode=names["mode"])
+    assert files_under(tmp_path) == []
+
+
+def test_non_bundle_bytes_are_refused(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    with pytest.raises(BadRequest, match="not a zstd or gzip"):
+        upload(store, b"plain text, not a bundle")
+    assert files_under(tmp_path) == []
+
+
+def test_unknown_artifact_is_not_found(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    with pytest.raises(ArtifactNotFound):
+        store.path("0" * 64)
+    with pytest.raises(ArtifactNotFound):
+        store.entry("0" * 64)
+    assert not store.has("0" * 64)
+
+
+def test_entries_filter_by_model(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    upload(store, gzip_bundle(b"1")[1], model="gbt")
+    upload(store, gzip_bundle(b"2")[1], model="mlp")
+    upload(store, gzip_bundle(b"3")[1], model="gbt", mode="oracle")
+    assert len(store.entries()) == 3
+    assert {(r["model"], r["mode"]) for r in store.entries("gbt")} == {
+        ("gbt", "realistic"),
+        ("gbt", "oracle"),
+    }
+    assert store.entries("transformer") == []
