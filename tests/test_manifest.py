@@ -308,8 +308,9 @@ def test_hyper_value_of_any_other_wrong_type_is_rejected(
 
 def test_model_declaring_an_unknown_hyper_type_is_rejected_not_crashed(tmp_path: Path) -> None:
     base = BASE.replace('hyper = { lr = "float" }', 'hyper = { lr = "double", d = ["int"] }')
-    text = manifest_text(GOOD_JOB, job_text("bad", "mlp", extra="hyper = { lr = 1, d = 2 }\n"),
-                         base=base)
+    text = manifest_text(
+        GOOD_JOB, job_text("bad", "mlp", extra="hyper = { lr = 1, d = 2 }\n"), base=base
+    )
     error = rejection(tmp_path, text)
     assert_problem(error, "models.mlp.hyper.lr", '"double"')
     assert_problem(error, "models.mlp.hyper.d", '["int"]')
@@ -510,9 +511,7 @@ def test_manifest_allows_every_model_on_an_unknown_host() -> None:
 # --- properties ---------------------------------------------------------------------------
 
 HYPER_VALUES: dict[str, st.SearchStrategy[Any]] = {
-    "lr": st.one_of(
-        st.floats(allow_nan=False, allow_infinity=False), st.integers(-(10**6), 10**6)
-    ),
+    "lr": st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(10**6), 10**6)),
     "n": st.integers(-(2**63), 2**63 - 1),
     "loss": st.text(alphabet="abcxyz-_ 0189", max_size=8),
     "early_stop": st.booleans(),
@@ -556,8 +555,14 @@ def job_fields(draw: st.DrawFn) -> dict[str, Any]:
 def identity(fields: dict[str, Any]) -> str:
     """Content key with float hypers normalised, as the loader does; -0.0 stays distinct."""
     hyper = {k: float(v) if k == "lr" else v for k, v in fields["hyper"].items()}
-    ident = [fields["model"], fields["mode"], hyper, fields.get("split_recipe"),
-             fields.get("train_hosts", []), fields["seed"]]
+    ident = [
+        fields["model"],
+        fields["mode"],
+        hyper,
+        fields.get("split_recipe"),
+        fields.get("train_hosts", []),
+        fields["seed"],
+    ]
     return json.dumps(ident, sort_keys=True)
 
 
@@ -590,25 +595,131 @@ def test_random_valid_manifests_load_with_stable_ids(case: tuple[str, list[str]]
 
 
 TOML_KEYS = sorted(
-    {"schema_version", "name", "model", "mode", "hyper", "priority", "seed", "min_vram_gib",
-     "max_attempts", "allowed_hosts", "train_hosts", "command", "modes", "allow_jobs",
-     "deny_jobs", "lr", "n", "defaults", "trainer", "jobs", "models", "hosts"}
+    {
+        "schema_version",
+        "name",
+        "model",
+        "mode",
+        "hyper",
+        "priority",
+        "seed",
+        "min_vram_gib",
+        "max_attempts",
+        "allowed_hosts",
+        "train_hosts",
+        "command",
+        "modes",
+        "allow_jobs",
+        "deny_jobs",
+        "lr",
+        "n",
+        "defaults",
+        "trainer",
+        "jobs",
+        "models",
+        "hosts",
+    }
 )
 TOML_VALUES = st.one_of(
     st.integers().map(str),
     st.floats().map(repr),
-    st.sampled_from(["true", "false", '""', '"gbt"', '"realistic"', "[]", "{}", "[[]]", "inf",
-                     "nan", "-0", "1979-05-27T07:32:00Z", "{ lr = 1 }", '["a", 1]', "[{}]",
-                     '"int"', '"float"', "9" * 400]),
+    st.sampled_from(
+        [
+            "true",
+            "false",
+            '""',
+            '"gbt"',
+            '"realistic"',
+            "[]",
+            "{}",
+            "[[]]",
+            "inf",
+            "nan",
+            "-0",
+            "1979-05-27T07:32:00Z",
+            "{ lr = 1 }",
+            '["a", 1]',
+            "[{}]",
+            '"int"',
+            '"float"',
+            "9" * 400,
+        ]
+    ),
     st.text(max_size=10),
 )
 TOML_LINES = st.one_of(
-    st.sampled_from(["[[jobs]]", "[trainer]", "[defaults]", "[models.gbt]", "[models.x.hyper]",
-                     "[models.gbt.defaults]", "[hosts.h]", "[jobs]", "[[models]]", "", "]["]),
+    st.sampled_from(
+        [
+            "[[jobs]]",
+            "[trainer]",
+            "[defaults]",
+            "[models.gbt]",
+            "[models.x.hyper]",
+            "[models.gbt.defaults]",
+            "[hosts.h]",
+            "[jobs]",
+            "[[models]]",
+            "",
+            "][",
+        ]
+    ),
     st.builds(lambda k, v: f"{k} = {v}", st.sampled_from(TOML_KEYS), TOML_VALUES),
     st.builds(lambda k, v: f"{k} = {v}", st.text(max_size=6), TOML_VALUES),
     st.text(max_size=20),
 )
+
+
+WELL_FORMED_VALUES = st.one_of(
+    st.integers().map(str),
+    st.floats().map(repr),
+    st.sampled_from(
+        [
+            "true",
+            "false",
+            '""',
+            '"gbt"',
+            '"mlp"',
+            '"realistic"',
+            '"oracle"',
+            "[]",
+            "{}",
+            "[[]]",
+            "[{}]",
+            '["a", 1]',
+            '["gbt"]',
+            "{ lr = 1 }",
+            "{ n = 2.5 }",
+            '{ lr = "fast" }',
+            '"int"',
+            '"float"',
+            "1979-05-27T07:32:00Z",
+            "-0",
+            "9" * 400,
+        ]
+    ),
+    st.text(max_size=10).map(lambda text: json.dumps(text, ensure_ascii=False)),
+)
+
+
+@st.composite
+def well_formed_documents(draw: st.DrawFn) -> str:
+    """Parseable TOML: random known keys and values in [[jobs]], [hosts.*] and [models.*]."""
+    parts = [draw(st.sampled_from([BASE, manifest_text(GOOD_JOB), BASE.replace("1", "2")]))]
+    headers = st.sampled_from(
+        [
+            "[[jobs]]",
+            "[[jobs]]",
+            "[hosts.h{i}]",
+            "[models.m{i}]",
+            "[models.m{i}.hyper]",
+            "[models.m{i}.defaults]",
+        ]
+    )
+    for index in range(draw(st.integers(0, 6))):
+        parts.append(draw(headers).format(i=index))
+        keys = draw(st.lists(st.sampled_from(TOML_KEYS), unique=True, max_size=6))
+        parts.extend(f"{key} = {draw(WELL_FORMED_VALUES)}" for key in keys)
+    return "\n".join(parts) + "\n"
 
 
 def loads_or_manifest_error(data: str | bytes) -> None:
@@ -634,3 +745,9 @@ def test_random_bytes_only_ever_raise_manifest_error(data: bytes) -> None:
 @given(st.sampled_from(["", BASE, manifest_text(GOOD_JOB)]), st.lists(TOML_LINES, max_size=25))
 def test_toml_like_fragments_only_ever_raise_manifest_error(prefix: str, lines: list[str]) -> None:
     loads_or_manifest_error(prefix + "\n".join(lines))
+
+
+@settings(max_examples=200, deadline=None)
+@given(well_formed_documents())
+def test_well_formed_toml_with_random_fields_only_ever_raises_manifest_error(text: str) -> None:
+    loads_or_manifest_error(text)

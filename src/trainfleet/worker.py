@@ -245,7 +245,7 @@ class Worker:
         try:
             child = self._spawn(argv, att)
         except OSError as exc:
-            self._report_failure(att, "trainer_error", f"cannot start {argv}: {exc}", True)
+            self._report_failure(att, "trainer_error", f"cannot start {argv[0]!r}: {exc}", True)
             return
 
         timeout_s = None if claim.get("timeout_s") is None else float(claim["timeout_s"])
@@ -265,7 +265,7 @@ class Worker:
         elif outcome is _Outcome.EXITED:
             rc = child.returncode
             log.warning("job %s: trainer exited %d after %.0f s", att.short, rc, elapsed_s)
-            error = f"trainer exited {child.returncode}:\n{_tail(att.log_path, ERROR_TAIL_BYTES)}"
+            error = f"trainer exited {rc}:\n{_tail(att.log_path, ERROR_TAIL_BYTES)}"
             self._report_failure(att, "trainer_error", error, retryable=True)
         elif outcome is _Outcome.TIMEOUT:
             log.warning("job %s: timed out after %.0f s; trainer stopped", att.short, elapsed_s)

@@ -538,6 +538,20 @@ class SqliteQueue:
                 swept.append(row["job_id"])
         return swept
 
+    def attempt_lease_matches(self, job_id: str, attempt: int, lease: str) -> bool:
+        """Whether `lease` was handed out for that attempt (logs arrive after the attempt ends)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT lease FROM attempts WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+            ).fetchone()
+        return row is not None and secrets.compare_digest(row["lease"], lease)
+
+    def log_tail(self, job_id: str) -> str | None:
+        """The log tail of the latest heartbeat."""
+        with self._lock:
+            row = self._row(self._db, job_id)
+        return cast(str | None, row["log_tail"])
+
     # -- the operator's calls ---------------------------------------------
 
     def cancel(self, job_id: str, now: float | None = None) -> Job:

@@ -1,0 +1,254 @@
+"""`trainfleet ...`: the one entry point; reads flags and environment into settings.
+
+Standard library only: the receiver is imported lazily inside its command.
+Exit codes: 0 ok, 1 error (printed as `error: <message>`), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from trainfleet import __version__
+from trainfleet.errors import TrainfleetError
+
+DEFAULT_RECEIVER = "http://127.0.0.1:8470"
+Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def read_token(path: Path | None, environ: Mapping[str, str], variable: str) -> str | None:
+    """A token from a file (first line) or else the environment; never from a flag value."""
+    if path is not None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise TrainfleetError(f"{path}: cannot read token file: {exc.strerror}") from exc
+        if not token:
+            raise TrainfleetError(f"{path}: token file is empty")
+        return token
+    return environ.get(variable) or None
+
+
+# -- receiver ----------------------------------------------------------------
+
+
+def add_receiver(sub: Any) -> None:
+    p = sub.add_parser("receiver", help="run the receiver (needs the server extra)")
+    p.add_argument("--manifest", type=Path, required=True, help="the training manifest (TOML)")
+    p.add_argument("--state-dir", type=Path, default=Path("state"),
+                   help="queue database, artifact store and logs (default: ./state)")
+    p.add_argument("--db", help="queue database: PATH or sqlite:///PATH "
+                   "(default: STATE_DIR/queue.db)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8470, help="port; 0 picks a free one (default: 8470)")
+    p.add_argument("--operator-token-file", type=Path,
+                   help="operator token (env: TRAINFLEET_OPERATOR_TOKEN); "
+                   "without one, operator calls are refused")
+    p.add_argument("--worker-token-file", type=Path,
+                   help="token workers must send (env: TRAINFLEET_WORKER_TOKEN)")
+    p.add_argument("--stale-after", type=float, default=600.0, metavar="S",
+                   help="requeue a job whose worker is silent this long (default: 600)")
+    p.add_argument("--sweep-interval", type=float, default=30.0, metavar="S",
+                   help="how often to look for silent workers (default: 30)")
+    p.add_argument("--max-upload-bytes", type=int, default=64 << 30, metavar="N",
+                   help="largest bundle accepted (default: 64 GiB)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback bind without a worker token")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=run_receiver)
+
+
+def run_receiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    try:
+        import uvicorn
+
+        from trainfleet.receiver import ReceiverSettings, create_app
+    except ImportError as exc:
+        raise TrainfleetError(
+            "'trainfleet receiver' needs the server extra: pip install 'trainfleet[server]'"
+        ) from exc
+    settings = ReceiverSettings(
+        manifest_path=args.manifest, state_dir=args.state_dir, db=args.db, host=args.host,
+        port=args.port,
+        operator_token=read_token(args.operator_token_file, environ, "TRAINFLEET_OPERATOR_TOKEN"),
+        worker_token=read_token(args.worker_token_file, environ, "TRAINFLEET_WORKER_TOKEN"),
+        stale_after_s=args.stale_after, sweep_interval_s=args.sweep_interval,
+        max_upload_bytes=args.max_upload_bytes, insecure=args.insecure,
+    )
+    problem = settings.bind_problem()
+    if problem:
+        raise TrainfleetError(problem)
+    app = create_app(settings)
+    sock = _bind(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    print(f"trainfleet receiver {__version__} listening on {url}", flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before serving, so `--port 0` can report the port it got."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise TrainfleetError(f"--host/--port: cannot bind {host}:{port}: {exc.strerror}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+# -- worker ------------------------------------------------------------------
+
+
+def add_worker(sub: Any) -> None:
+    p = sub.add_parser("worker", help="run a worker daemon on this host")
+    p.add_argument("--receiver", help=f"receiver URL (env: TRAINFLEET_RECEIVER; "
+                   f"default: {DEFAULT_RECEIVER})")
+    p.add_argument("--token-file", type=Path, help="worker token (env: TRAINFLEET_WORKER_TOKEN)")
+    p.add_argument("--workdir", type=Path, default=Path("."),
+                   help="the project checkout where the trainer command runs (default: .)")
+    p.add_argument("--state-dir", type=Path,
+                   help="spool, job outputs and worker id (default: WORKDIR/.trainfleet)")
+    p.add_argument("--worker-id", help="default: HOSTNAME-<8 hex>, kept in the state dir")
+    p.add_argument("--allow-jobs", type=_csv, metavar="a,b", help="only these models")
+    p.add_argument("--deny-jobs", type=_csv, default=(), metavar="c", help="never these models")
+    p.add_argument("--heartbeat-interval", type=float, default=30.0, metavar="S")
+    p.add_argument("--poll-interval", type=float, default=10.0, metavar="S",
+                   help="wait between claims when nothing is eligible")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM, how long the trainer gets before it is killed")
+    p.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    p.add_argument("--max-jobs", type=int, metavar="N", help="exit after N jobs")
+    p.add_argument("--capability-file", type=Path,
+                   help="JSON object whose keys replace detected capability fields")
+    p.set_defaults(handler=run_worker)
+
+
+def run_worker(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from trainfleet.client import Client
+    from trainfleet.worker import Worker, WorkerSettings
+
+    url = args.receiver or environ.get("TRAINFLEET_RECEIVER") or DEFAULT_RECEIVER
+    token = read_token(args.token_file, environ, "TRAINFLEET_WORKER_TOKEN")
+    workdir = args.workdir.resolve()
+    settings = WorkerSettings(
+        receiver_url=url, workdir=workdir,
+        state_dir=(args.state_dir or workdir / ".trainfleet").resolve(), token=token,
+        worker_id=args.worker_id, allow_jobs=args.allow_jobs, deny_jobs=args.deny_jobs,
+        heartbeat_interval_s=args.heartbeat_interval, poll_interval_s=args.poll_interval,
+        once=args.once, max_jobs=args.max_jobs, capability_file=args.capability_file,
+        shutdown_grace_s=args.shutdown_grace,
+    )
+    worker = Worker(settings, Client(url, worker_token=token))
+    worker.install_signal_handlers()
+    return worker.run()
+
+
+# -- capability, manifest, demo ----------------------------------------------
+
+
+def add_capability(sub: Any) -> None:
+    p = sub.add_parser("capability", help="print what this host can do, as JSON")
+    p.add_argument("--workdir", type=Path, default=Path("."))
+    p.add_argument("--capability-file", type=Path, help="override file (JSON object)")
+    p.set_defaults(handler=run_capability)
+
+
+def run_capability(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from trainfleet import capability
+
+    cap = capability.detect(args.workdir, override_file=args.capability_file)
+    print(json.dumps(cap.to_dict(), indent=2))
+    problems = capability.self_test(cap)
+    for problem in problems:
+        print(f"self-test: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def add_manifest(sub: Any) -> None:
+    p = sub.add_parser("manifest", help="work with manifests")
+    msub = p.add_subparsers(dest="manifest_command", required=True)
+    check = msub.add_parser("check", help="validate a manifest and summarise its jobs")
+    check.add_argument("file", type=Path)
+    check.set_defaults(handler=run_manifest_check)
+
+
+def run_manifest_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from trainfleet import manifest
+
+    loaded = manifest.load(args.file)
+    for job in loaded.jobs:
+        print(f"{job.job_id[:12]}  {job.name:<28} {job.model:<12} {job.mode:<10} "
+              f"{_constraints(job)}")
+    print(f"{args.file}: ok, {len(loaded.jobs)} jobs over {len(loaded.models)} models")
+    return 0
+
+
+def _constraints(job: Any) -> str:
+    parts = [f"priority={job.priority}"] if job.priority else []
+    parts += [name for name in ("require_cuda", "prefer_cuda") if getattr(job, name)]
+    parts += [f"{name}={getattr(job, name):g}" for name in ("min_vram_gib", "min_ram_gib")
+              if getattr(job, name)]
+    if job.allowed_hosts:
+        parts.append("hosts=" + ",".join(job.allowed_hosts))
+    return " ".join(parts) or "-"
+
+
+def add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="a real fleet on loopback: receiver, two workers, training")
+    p.add_argument("--manifest", type=Path, default=Path("etc/training_manifest.toml.example"))
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="keep the state here instead of a temporary directory")
+    p.set_defaults(handler=run_demo)
+
+
+def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from trainfleet.demo import run
+
+    return run(args.manifest, keep=args.keep)
+
+
+# -- entry point -------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainfleet",
+        description="Train each model of a project exactly once across a fleet of machines.",
+    )
+    parser.add_argument("--version", action="version", version=f"trainfleet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_receiver, add_worker, add_capability, add_manifest, add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    handler: Handler = args.handler
+    try:
+        return handler(args, environ)
+    except TrainfleetError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

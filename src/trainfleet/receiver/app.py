@@ -1,0 +1,143 @@
+"""The receiver's ASGI app: `create_app(settings)` wires queue, store, auth and routes.
+
+There is no module-level app: each call builds one from its settings, so tests
+and several receivers in one process never share state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from trainfleet import __version__
+from trainfleet.errors import PayloadTooLarge, TrainfleetError
+from trainfleet.receiver.routes import router
+from trainfleet.receiver.settings import ReceiverSettings
+from trainfleet.receiver.state import ReceiverState
+
+log = logging.getLogger("trainfleet.receiver")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def create_app(settings: ReceiverSettings) -> FastAPI:
+    """Build a receiver; raises ManifestError when the manifest is invalid."""
+    state = ReceiverState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_forever(state))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await sweeper
+            state.queue.close()
+
+    app = FastAPI(
+        title="trainfleet receiver",
+        version=__version__,
+        summary="Trains each model of a project exactly once across a fleet.",
+        lifespan=lifespan,
+    )
+    app.state.receiver = state
+    _install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimit, settings=settings)
+    return app
+
+
+async def _sweep_forever(state: ReceiverState) -> None:
+    while True:
+        await asyncio.sleep(state.settings.sweep_interval_s)
+        try:
+            state.sweep()
+        except Exception:  # keep sweeping: one failed pass must not end the task
+            log.exception("stale sweep failed")
+
+
+def _error(status: int, message: str, detail: Any = None, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message, "detail": detail}, status_code=status,
+                        headers=headers or None)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TrainfleetError)
+    async def trainfleet_error(request: Request, exc: TrainfleetError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        ]
+        detail = [{"loc": list(err["loc"]), "msg": err["msg"]} for err in exc.errors()]
+        return _error(422, "; ".join(problems), detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def database_busy(request: Request, exc: sqlite3.OperationalError) -> JSONResponse:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return _error(503, "database is busy; retry", None, **{"Retry-After": "1"})
+        raise exc
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        return _error(400, "body: the client went away before sending all of it")
+
+
+class BodyLimit:
+    """Refuses request bodies over their route's limit, by header and while streaming."""
+
+    def __init__(self, app: ASGIApp, settings: ReceiverSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def limit(self, scope: Scope) -> int:
+        path, method = scope.get("path", ""), scope.get("method", "")
+        if method == "PUT" and path.startswith("/v1/model/"):
+            return self.settings.max_upload_bytes
+        if method == "PUT" and path.endswith("/log"):
+            return self.settings.max_log_bytes
+        return self.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit(scope)
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await _error(413, PayloadTooLarge(limit).message, {"max_bytes": limit})(
+                scope, receive, send
+            )
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,0 +1,307 @@
+"""The HTTP API of DESIGN.md, under /v1; every handler is a thin call into queue or store."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.security import APIKeyHeader
+from starlette.concurrency import run_in_threadpool
+
+from trainfleet import __version__
+from trainfleet.capability import Capability
+from trainfleet.errors import (
+    ArtifactNotFound,
+    BadRequest,
+    Forbidden,
+    LeaseLost,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from trainfleet.queue.base import FailureKind, Job
+from trainfleet.receiver import schemas as s
+from trainfleet.receiver.state import ReceiverState
+
+router = APIRouter()
+
+worker_header = APIKeyHeader(name="X-Worker-Token", auto_error=False,
+                             description="the worker token, when the receiver has one")
+operator_header = APIKeyHeader(name="X-Operator-Token", auto_error=False,
+                               description="the operator token")
+
+JobRef = Annotated[str, PathParam(min_length=1, max_length=200,
+                                  description="job name, id, or unique id prefix (8+ hex)")]
+ArtifactId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$", description="sha256 hex")]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": s.ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422)
+}
+
+
+def receiver(request: Request) -> ReceiverState:
+    state: ReceiverState = request.app.state.receiver
+    return state
+
+
+State = Annotated[ReceiverState, Depends(receiver)]
+
+
+def _token_matches(given: str | None, expected: str) -> bool:
+    # Headers arrive as latin-1 text: compare raw bytes so any header gives 401, never 500.
+    if given is None:
+        return False
+    return hmac.compare_digest(given.encode("latin-1", "replace"), expected.encode())
+
+
+def worker_auth(state: State, token: Annotated[str | None, Depends(worker_header)]) -> None:
+    expected = state.settings.worker_token
+    if expected and not _token_matches(token, expected):
+        raise Unauthorized("X-Worker-Token")
+
+
+def operator_auth(state: State, token: Annotated[str | None, Depends(operator_header)]) -> None:
+    expected = state.settings.operator_token
+    if not expected:
+        raise Forbidden(
+            "operator calls are disabled: start the receiver with --operator-token-file "
+            "or TRAINFLEET_OPERATOR_TOKEN"
+        )
+    if not _token_matches(token, expected):
+        raise Unauthorized("X-Operator-Token")
+
+
+WorkerAuth = [Depends(worker_auth)]
+OperatorAuth = [Depends(operator_auth)]
+
+
+def _job_out(job: Job) -> s.JobOut:
+    return s.JobOut(**job.to_dict())
+
+
+# -- the worker's calls ------------------------------------------------------
+
+
+@router.post("/v1/job/claim", dependencies=WorkerAuth, responses={204: {"description":
+             "nothing eligible now"}, **ERRORS}, response_model=s.ClaimOut)
+async def claim(body: s.ClaimRequest, state: State) -> Any:
+    """Hand the best eligible pending job to this worker slot."""
+    capability = Capability.from_dict(body.capability)
+    allow = tuple(body.allow_jobs) if body.allow_jobs is not None else None
+    claimed = state.queue.claim_next(
+        body.worker_id, capability, body.slot_vram_gib, allow, tuple(body.deny_jobs)
+    )
+    if claimed is None:
+        return Response(status_code=204)
+    return s.ClaimOut(
+        job=_job_out(claimed.job),
+        lease=claimed.lease,
+        attempt=claimed.attempt,
+        command=list(state.manifest.trainer.command),
+        timeout_s=claimed.job.timeout_s,
+        heartbeat_interval_s=state.heartbeat_interval_s,
+    )
+
+
+@router.post("/v1/job/{job_ref}/heartbeat", dependencies=WorkerAuth, responses=ERRORS)
+async def heartbeat(job_ref: JobRef, body: s.HeartbeatRequest, state: State) -> s.HeartbeatOut:
+    """Liveness and progress; the answer says whether to go on or cancel."""
+    job_id = state.queue.resolve(job_ref)
+    progress = body.progress.model_dump(exclude_none=True) if body.progress else None
+    action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail)
+    return s.HeartbeatOut(action=action)  # type: ignore[arg-type]
+
+
+@router.post("/v1/job/{job_ref}/complete", dependencies=WorkerAuth, responses=ERRORS)
+async def complete(job_ref: JobRef, body: s.CompleteRequest, state: State) -> s.JobOut:
+    """Accept the job's artifact, which must already be in the store."""
+    job_id = state.queue.resolve(job_ref)
+    if not state.store.has(body.artifact_id):
+        raise BadRequest(f"artifact_id: {body.artifact_id} is not in the store; upload it first")
+    return _job_out(state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics))
+
+
+@router.post("/v1/job/{job_ref}/fail", dependencies=WorkerAuth, responses=ERRORS)
+async def fail(job_ref: JobRef, body: s.FailRequest, state: State) -> s.JobOut:
+    """End the attempt; the job is retried while attempts remain."""
+    job_id = state.queue.resolve(job_ref)
+    job = state.queue.fail(job_id, body.lease, body.error, body.retryable, FailureKind(body.kind))
+    return _job_out(job)
+
+
+@router.put("/v1/model/{artifact_id}", dependencies=WorkerAuth, status_code=201,
+            responses={200: {"model": s.ArtifactOut, "description": "already stored"}, **ERRORS})
+async def put_model(
+    artifact_id: ArtifactId,
+    request: Request,
+    state: State,
+    job_id: Annotated[str, Query(min_length=1, max_length=200)],
+    lease: Annotated[str, Query(min_length=1, max_length=128)],
+    response: Response,
+) -> s.ArtifactOut:
+    """Stream a bundle into the store; its sha256 is checked before it becomes visible."""
+    job = state.queue.check_lease(state.queue.resolve(job_id), lease)
+    if state.store.has(artifact_id):
+        async for _ in request.stream():  # drain, so the client sees a clean answer
+            pass
+        response.status_code = 200
+        return s.ArtifactOut(artifact_id=artifact_id, size=_size(state, artifact_id), new=False)
+    with state.store.begin_upload(artifact_id, state.settings.max_upload_bytes) as upload:
+        async for chunk in request.stream():
+            upload.write(chunk)
+        new = await run_in_threadpool(
+            upload.commit, job_id=job.job_id, model=job.model, mode=job.mode,
+            host=job.hostname or "",
+        )
+    response.status_code = 201 if new else 200
+    return s.ArtifactOut(artifact_id=artifact_id, size=_size(state, artifact_id), new=new)
+
+
+def _size(state: ReceiverState, artifact_id: str) -> int:
+    return int(state.store.entry(artifact_id)["size"])
+
+
+@router.put("/v1/job/{job_ref}/log", dependencies=WorkerAuth, responses=ERRORS)
+async def put_log(
+    job_ref: JobRef,
+    request: Request,
+    state: State,
+    lease: Annotated[str, Query(min_length=1, max_length=128)],
+    attempt: Annotated[int, Query(ge=1, le=100_000)],
+) -> dict[str, int]:
+    """Keep an attempt's full trainer log under the state dir."""
+    job_id = state.queue.resolve(job_ref)
+    if not state.queue.attempt_lease_matches(job_id, attempt, lease):
+        raise LeaseLost(job_id, f"lease does not belong to attempt {attempt}")
+    body = await request.body()
+    if len(body) > state.settings.max_log_bytes:
+        raise PayloadTooLarge(state.settings.max_log_bytes)
+    await run_in_threadpool(_write_log, _log_path(state, job_id, attempt), body)
+    return {"bytes": len(body)}
+
+
+def _log_path(state: ReceiverState, job_id: str, attempt: int) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{64}", job_id):  # ids come from the queue; be sure anyway
+        raise BadRequest(f"job_id: not a job id: {job_id!r}")
+    return state.settings.logs_dir / job_id / f"{attempt}.log"
+
+
+def _write_log(path: Path, body: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(body)
+    os.replace(tmp, path)
+
+
+# -- reads -------------------------------------------------------------------
+
+
+@router.get("/v1/jobs/{job_ref}/log", response_class=PlainTextResponse, responses=ERRORS)
+async def get_log(
+    job_ref: JobRef, state: State,
+    attempt: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+) -> Any:
+    """An attempt's full log (default the latest); a running attempt's last tail."""
+    job = state.queue.get(state.queue.resolve(job_ref))
+    number = attempt or job.attempts
+    if number < 1 or number > job.attempts:
+        raise NotFound(f"attempt: job {job.name} has no attempt {number}")
+    path = _log_path(state, job.job_id, number)
+    if path.exists():
+        return FileResponse(path, media_type="text/plain; charset=utf-8")
+    tail = state.queue.log_tail(job.job_id) if number == job.attempts else None
+    if tail is None:
+        raise NotFound(f"attempt: no log for attempt {number} of job {job.name}")
+    return PlainTextResponse(tail)
+
+
+@router.head("/v1/model/{artifact_id}", responses=ERRORS)
+async def head_model(artifact_id: ArtifactId, state: State) -> Response:
+    """Whether the store holds this artifact, so a worker can skip the upload."""
+    if not state.store.has(artifact_id):
+        raise ArtifactNotFound(artifact_id)
+    return Response(headers={"Content-Length": str(_size(state, artifact_id))})
+
+
+@router.get("/v1/model/{artifact_id}", response_class=FileResponse, responses=ERRORS)
+async def get_model(artifact_id: ArtifactId, state: State) -> FileResponse:
+    """Download a bundle."""
+    path = state.store.path(artifact_id)
+    return FileResponse(path, media_type="application/octet-stream",
+                        filename=f"{artifact_id[:12]}-{path.name}")
+
+
+@router.get("/v1/models", responses=ERRORS)
+async def list_models(state: State, model: str | None = None) -> s.ModelsOut:
+    """Stored artifacts, one index row each, with their path."""
+    rows = [{**row, "path": str(state.store.path(row["artifact_id"]))}
+            for row in state.store.entries(model)]
+    return s.ModelsOut(models=rows)
+
+
+@router.get("/v1/jobs", responses=ERRORS)
+async def list_jobs(
+    state: State, status: str | None = None, model: str | None = None, host: str | None = None
+) -> s.JobsOut:
+    """Jobs in manifest order, optionally filtered."""
+    return s.JobsOut(jobs=[_job_out(j) for j in state.queue.list_jobs(status, model, host)])
+
+
+@router.get("/v1/jobs/{job_ref}", responses=ERRORS)
+async def get_job(job_ref: JobRef, state: State) -> s.JobDetailOut:
+    """One job with its history and attempts."""
+    job_id = state.queue.resolve(job_ref)
+    job = state.queue.get(job_id)
+    history = [s.EventOut(at=e.at, kind=e.kind, attempt=e.attempt, worker_id=e.worker_id,
+                          detail=dict(e.detail)) for e in state.queue.history(job_id)]
+    attempts = [s.AttemptOut(attempt=a.attempt, worker_id=a.worker_id, hostname=a.hostname,
+                             started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome,
+                             error=a.error) for a in state.queue.attempts(job_id)]
+    path = None
+    if job.artifact_id and state.store.has(job.artifact_id):
+        path = str(state.store.path(job.artifact_id))
+    return s.JobDetailOut(**job.to_dict(), history=history, attempts_detail=attempts,
+                          artifact_path=path)
+
+
+@router.get("/v1/workers")
+async def list_workers(state: State) -> s.WorkersOut:
+    """Every worker seen, with capability, liveness and the jobs it holds."""
+    return s.WorkersOut(workers=[s.WorkerOut(**w.to_dict()) for w in state.queue.workers()])
+
+
+@router.get("/v1/health")
+async def health(state: State) -> s.HealthOut:
+    return s.HealthOut(
+        ok=True, version=__version__, backend=state.queue.backend, manifest=state.manifest.name,
+        counts=state.queue.counts(), uptime_s=round(time.time() - state.started_at, 3),
+    )
+
+
+# -- the operator's calls ----------------------------------------------------
+
+
+@router.post("/v1/job/{job_ref}/cancel", dependencies=OperatorAuth, responses=ERRORS)
+async def cancel(job_ref: JobRef, state: State) -> s.JobOut:
+    """Stop a pending or live job; its worker stops at its next heartbeat."""
+    return _job_out(state.queue.cancel(state.queue.resolve(job_ref)))
+
+
+@router.post("/v1/job/{job_ref}/requeue", dependencies=OperatorAuth, responses=ERRORS)
+async def requeue(job_ref: JobRef, state: State) -> s.JobOut:
+    """Give a failed or cancelled job a fresh set of attempts."""
+    return _job_out(state.queue.requeue(state.queue.resolve(job_ref)))
+
+
+@router.post("/v1/manifest/reload", dependencies=OperatorAuth, responses=ERRORS)
+async def reload(state: State) -> s.ReloadOut:
+    """Re-read the manifest file; an invalid one changes nothing and returns its errors."""
+    result = state.reload()
+    return s.ReloadOut(added=result.added, updated=result.updated, unchanged=result.unchanged,
+                       orphaned=result.orphaned)

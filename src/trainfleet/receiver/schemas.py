@@ -1,0 +1,179 @@
+"""Typed request and response bodies: they make /openapi.json describe the whole API.
+
+Request models forbid unknown fields, so a body can never set status, attempt
+or worker id by accident or on purpose.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
+Lease = Field(min_length=1, max_length=128)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClaimRequest(Strict):
+    worker_id: str = Field(min_length=1, max_length=200)
+    capability: dict[str, Any]
+    slot: int = Field(default=0, ge=0, le=1024)
+    slot_vram_gib: float | None = Field(default=None, ge=0)
+    allow_jobs: list[str] | None = None
+    deny_jobs: list[str] = []
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    fraction: float | None = Field(default=None, ge=0, le=1)
+    step: int | None = None
+    message: str | None = Field(default=None, max_length=1000)
+
+
+class HeartbeatRequest(Strict):
+    lease: str = Lease
+    progress: Progress | None = None
+    log_tail: str | None = Field(default=None, max_length=64 * 1024)
+
+
+class CompleteRequest(Strict):
+    lease: str = Lease
+    artifact_id: str = Sha256
+    metrics: dict[str, Any] = {}
+
+
+class FailRequest(Strict):
+    lease: str = Lease
+    error: str = Field(max_length=64 * 1024)
+    retryable: bool = True
+    kind: Literal["trainer_error", "timeout", "worker_shutdown"] = "trainer_error"
+
+
+class JobOut(BaseModel):
+    """A job resource."""
+
+    job_id: str
+    name: str
+    model: str
+    mode: str
+    hyper: dict[str, Any]
+    split_recipe: str | None
+    train_hosts: list[str]
+    seed: int
+    priority: int
+    require_cuda: bool
+    prefer_cuda: bool
+    min_vram_gib: float
+    min_ram_gib: float
+    allowed_hosts: list[str]
+    max_attempts: int
+    timeout_s: float
+    prefer_wait_s: float
+    manifest_index: int
+    orphaned: bool
+    status: str
+    attempts: int
+    attempts_charged: int
+    worker_id: str | None
+    hostname: str | None
+    progress: dict[str, Any] | None
+    error: str | None
+    metrics: dict[str, Any] | None
+    artifact_id: str | None
+    pending_since: float
+    created_at: float
+    updated_at: float
+    heartbeat_at: float | None
+
+
+class EventOut(BaseModel):
+    at: float
+    kind: str
+    attempt: int | None
+    worker_id: str | None
+    detail: dict[str, Any]
+
+
+class AttemptOut(BaseModel):
+    attempt: int
+    worker_id: str
+    hostname: str
+    started_at: float
+    ended_at: float | None
+    outcome: str | None
+    error: str | None
+
+
+class JobDetailOut(JobOut):
+    history: list[EventOut]
+    attempts_detail: list[AttemptOut]
+    artifact_path: str | None
+
+
+class JobsOut(BaseModel):
+    jobs: list[JobOut]
+
+
+class ClaimOut(BaseModel):
+    job: JobOut
+    lease: str
+    attempt: int
+    command: list[str]
+    timeout_s: float
+    heartbeat_interval_s: float
+
+
+class HeartbeatOut(BaseModel):
+    action: Literal["continue", "cancel"]
+
+
+class ArtifactOut(BaseModel):
+    artifact_id: str
+    size: int
+    new: bool
+
+
+class WorkerOut(BaseModel):
+    worker_id: str
+    hostname: str
+    capability: dict[str, Any]
+    allow_jobs: list[str] | None
+    deny_jobs: list[str]
+    slot_vram_gib: float
+    first_seen: float
+    last_seen: float
+    alive: bool
+    jobs: list[str]
+
+
+class WorkersOut(BaseModel):
+    workers: list[WorkerOut]
+
+
+class ReloadOut(BaseModel):
+    added: int
+    updated: int
+    unchanged: int
+    orphaned: int
+
+
+class HealthOut(BaseModel):
+    ok: bool
+    version: str
+    backend: str
+    manifest: str
+    counts: dict[str, int]
+    uptime_s: float
+
+
+class ModelsOut(BaseModel):
+    models: list[dict[str, Any]]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: Any = None
