@@ -51,7 +51,8 @@ def add_receiver(sub: Any) -> None:
     p.add_argument("--db", help="queue database: PATH or sqlite:///PATH "
                    "(default: STATE_DIR/queue.db)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8470, help="port; 0 picks a free one (default: 8470)")
+    p.add_argument("--port", type=int, default=8470,
+                   help="port; 0 picks a free one (default: 8470)")
     p.add_argument("--operator-token-file", type=Path,
                    help="operator token (env: TRAINFLEET_OPERATOR_TOKEN); "
                    "without one, operator calls are refused")
