@@ -222,6 +222,12 @@ class Client:
         jobs: list[dict[str, Any]] = answer["jobs"]
         return jobs
 
+    def models(self, model: str | None = None) -> list[dict[str, Any]]:
+        """Stored artifacts (index rows with their path), optionally for one model."""
+        answer = self._json("GET", "/v1/models", query={"model": model} if model else {})
+        rows: list[dict[str, Any]] = answer["models"]
+        return rows
+
     def job(self, job_id: str) -> dict[str, Any]:
         """One job with its history and attempts; the id may be a unique prefix."""
         answer: dict[str, Any] = self._json("GET", f"/v1/jobs/{_seg(job_id)}")

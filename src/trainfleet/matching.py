@@ -96,9 +96,9 @@ def hard_reasons(job: JobLike, slot: Slot) -> list[str]:
     if job.require_cuda and not cap.cuda:
         reasons.append(f"requires CUDA; {cap.hostname} has no CUDA GPU")
     if job.min_vram_gib > slot.vram_gib:
-        reasons.append(f"needs {job.min_vram_gib:g} GiB VRAM; the slot has {slot.vram_gib:g}")
+        reasons.append(f"needs {job.min_vram_gib:g} GiB VRAM; the slot has {slot.vram_gib:g} GiB")
     if job.min_ram_gib > cap.ram_gib:
-        reasons.append(f"needs {job.min_ram_gib:g} GiB RAM; {cap.hostname} has {cap.ram_gib:g}")
+        reasons.append(f"needs {job.min_ram_gib:g} GiB RAM; {cap.hostname} has {cap.ram_gib:g} GiB")
     if job.allowed_hosts and cap.hostname not in job.allowed_hosts:
         reasons.append(
             f"allowed_hosts is {', '.join(job.allowed_hosts)}; this is {cap.hostname}"

@@ -32,9 +32,10 @@ from trainfleet.receiver.state import ReceiverState
 
 router = APIRouter()
 
-worker_header = APIKeyHeader(name="X-Worker-Token", auto_error=False,
+worker_header = APIKeyHeader(name="X-Worker-Token", scheme_name="WorkerToken", auto_error=False,
                              description="the worker token, when the receiver has one")
-operator_header = APIKeyHeader(name="X-Operator-Token", auto_error=False,
+operator_header = APIKeyHeader(name="X-Operator-Token", scheme_name="OperatorToken",
+                               auto_error=False,
                                description="the operator token")
 
 JobRef = Annotated[str, PathParam(min_length=1, max_length=200,
