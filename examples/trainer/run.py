@@ -31,7 +31,7 @@ Arguments (the worker fills them from the manifest's placeholders):
   JSON list. The digits have no real sources, so the trainer simulates four:
   each name selects the shard ``crc32(name) % 4`` of the training rows (rows
   are sharded by index); the held-out rows stay the same.
-- ``--job-id``: recorded in ``metrics.json``.
+- ``--job-id``: recorded in ``metrics.json`` (default: ``TRAINFLEET_JOB_ID``).
 
 Outputs in ``--out``: ``model.pkl`` (pickled sklearn estimator) or ``model.pt``
 (torch state_dict), and ``metrics.json`` with accuracy, train_seconds, n_train,
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--split-recipe", default="", help="random (default), stratified, by-day")
     parser.add_argument("--train-hosts", default="", help="comma-separated data sources")
-    parser.add_argument("--job-id", default="")
+    parser.add_argument("--job-id", default=os.environ.get("TRAINFLEET_JOB_ID", ""))
     return parser.parse_args(argv)
 
 

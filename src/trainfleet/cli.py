@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainfleet import __version__
+from trainfleet import __version__, console
+from trainfleet.console import DEFAULT_RECEIVER
 from trainfleet.errors import TrainfleetError
 
-DEFAULT_RECEIVER = "http://127.0.0.1:8470"
 Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
 
 
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_receiver, add_worker, add_capability, add_manifest, add_demo):
         add(sub)
+    console.add_commands(sub, read_token)
     return parser
 
 
@@ -253,3 +254,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `trainfleet list | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps interpreter exit quiet
+        return 0

@@ -222,6 +222,11 @@ class Client:
         jobs: list[dict[str, Any]] = answer["jobs"]
         return jobs
 
+    def why(self, job_id: str) -> dict[str, Any]:
+        """Each live worker's reasons for not taking the job."""
+        answer: dict[str, Any] = self._json("GET", f"/v1/jobs/{_seg(job_id)}/why")
+        return answer
+
     def models(self, model: str | None = None) -> list[dict[str, Any]]:
         """Stored artifacts (index rows with their path), optionally for one model."""
         answer = self._json("GET", "/v1/models", query={"model": model} if model else {})

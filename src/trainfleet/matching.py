@@ -6,7 +6,7 @@ each queue backend's claim query must agree with `explain`. Standard library onl
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -135,6 +135,16 @@ def explain(
     if preference:
         reasons.append(preference)
     return reasons
+
+
+def explain_fleet(
+    job: JobLike, slots: Mapping[str, Slot], waited_s: float = 0.0
+) -> dict[str, list[str]]:
+    """For each live worker (by id), every reason it may not take the job now."""
+    cuda_slots = [slot for slot in slots.values() if slot.cuda]
+    return {
+        worker_id: explain(job, slot, cuda_slots, waited_s) for worker_id, slot in slots.items()
+    }
 
 
 def is_eligible(

@@ -20,7 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from trainfleet import __version__
-from trainfleet.errors import PayloadTooLarge, TrainfleetError
+from trainfleet.errors import LeaseLost, PayloadTooLarge, TrainfleetError
+from trainfleet.receiver import metrics
+from trainfleet.receiver import dashboard
 from trainfleet.receiver.routes import router
 from trainfleet.receiver.settings import ReceiverSettings
 from trainfleet.receiver.state import ReceiverState
@@ -58,7 +60,10 @@ def create_app(settings: ReceiverSettings) -> FastAPI:
     app.state.receiver = state
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(dashboard.router)
+    app.include_router(metrics.router)
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(metrics.LatencyMiddleware, metrics=state.metrics)
     return app
 
 
@@ -79,6 +84,8 @@ def _error(status: int, message: str, detail: Any = None, **headers: str) -> JSO
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TrainfleetError)
     async def trainfleet_error(request: Request, exc: TrainfleetError) -> JSONResponse:
+        if isinstance(exc, LeaseLost):
+            request.app.state.receiver.metrics.fenced.inc()
         return _error(exc.status, exc.message, exc.detail)
 
     @app.exception_handler(RequestValidationError)
@@ -131,13 +138,30 @@ class BodyLimit:
             )
             return
         seen = 0
+        refused = started = replaced = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
+                refused = True
                 raise PayloadTooLarge(limit)
             return message
 
-        await self.app(scope, counted, send)
+        async def answer(message: Message) -> None:
+            # FastAPI answers any error while reading a JSON body with its own 400: once the
+            # body is refused, the client gets our 413 instead of whatever the app made of it.
+            nonlocal started, replaced
+            if replaced:
+                return
+            if refused and not started:
+                replaced = True
+                await _error(413, PayloadTooLarge(limit).message, {"max_bytes": limit})(
+                    scope, receive, send
+                )
+                return
+            started = True
+            await send(message)
+
+        await self.app(scope, counted, answer)

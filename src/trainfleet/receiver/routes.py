@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
-from trainfleet import __version__
+from trainfleet import __version__, matching
 from trainfleet.capability import Capability
 from trainfleet.errors import (
     ArtifactNotFound,
@@ -35,8 +35,7 @@ router = APIRouter()
 worker_header = APIKeyHeader(name="X-Worker-Token", scheme_name="WorkerToken", auto_error=False,
                              description="the worker token, when the receiver has one")
 operator_header = APIKeyHeader(name="X-Operator-Token", scheme_name="OperatorToken",
-                               auto_error=False,
-                               description="the operator token")
+                               auto_error=False, description="the operator token")
 
 JobRef = Annotated[str, PathParam(min_length=1, max_length=200,
                                   description="job name, id, or unique id prefix (8+ hex)")]
@@ -99,7 +98,9 @@ async def claim(body: s.ClaimRequest, state: State) -> Any:
         body.worker_id, capability, body.slot_vram_gib, allow, tuple(body.deny_jobs)
     )
     if claimed is None:
+        state.metrics.empty_claims.inc()
         return Response(status_code=204)
+    state.metrics.claims.inc()
     return s.ClaimOut(
         job=_job_out(claimed.job),
         lease=claimed.lease,
@@ -116,6 +117,7 @@ async def heartbeat(job_ref: JobRef, body: s.HeartbeatRequest, state: State) -> 
     job_id = state.queue.resolve(job_ref)
     progress = body.progress.model_dump(exclude_none=True) if body.progress else None
     action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail)
+    state.metrics.heartbeats.inc()
     return s.HeartbeatOut(action=action)  # type: ignore[arg-type]
 
 
@@ -125,7 +127,9 @@ async def complete(job_ref: JobRef, body: s.CompleteRequest, state: State) -> s.
     job_id = state.queue.resolve(job_ref)
     if not state.store.has(body.artifact_id):
         raise BadRequest(f"artifact_id: {body.artifact_id} is not in the store; upload it first")
-    return _job_out(state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics))
+    job = state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics)
+    state.metrics.completions.inc()
+    return _job_out(job)
 
 
 @router.post("/v1/job/{job_ref}/fail", dependencies=WorkerAuth, responses=ERRORS)
@@ -133,6 +137,7 @@ async def fail(job_ref: JobRef, body: s.FailRequest, state: State) -> s.JobOut:
     """End the attempt; the job is retried while attempts remain."""
     job_id = state.queue.resolve(job_ref)
     job = state.queue.fail(job_id, body.lease, body.error, body.retryable, FailureKind(body.kind))
+    state.metrics.failures.labels(body.kind).inc()
     return _job_out(job)
 
 
@@ -161,7 +166,10 @@ async def put_model(
             host=job.hostname or "",
         )
     response.status_code = 201 if new else 200
-    return s.ArtifactOut(artifact_id=artifact_id, size=_size(state, artifact_id), new=new)
+    size = _size(state, artifact_id)
+    if new:
+        state.metrics.upload_bytes.inc(size)
+    return s.ArtifactOut(artifact_id=artifact_id, size=size, new=new)
 
 
 def _size(state: ReceiverState, artifact_id: str) -> int:
@@ -269,6 +277,24 @@ async def get_job(job_ref: JobRef, state: State) -> s.JobDetailOut:
         path = str(state.store.path(job.artifact_id))
     return s.JobDetailOut(**job.to_dict(), history=history, attempts_detail=attempts,
                           artifact_path=path)
+
+
+@router.get("/v1/jobs/{job_ref}/why", responses=ERRORS)
+async def why(job_ref: JobRef, state: State) -> s.WhyOut:
+    """For each live worker, every rule that keeps it from this job (matching.explain)."""
+    now = time.time()
+    job = state.queue.get(state.queue.resolve(job_ref))
+    live = [w for w in state.queue.workers(now) if w.alive]
+    slots = {w.worker_id: matching.Slot(w.capability, w.slot_vram_gib, w.policy) for w in live}
+    waited_s = max(0.0, now - job.pending_since)
+    reasons = matching.explain_fleet(job, slots, waited_s)
+    expires = job.pending_since + job.prefer_wait_s if job.prefer_cuda else None
+    return s.WhyOut(
+        job_id=job.job_id, name=job.name, status=job.status.value, waited_s=waited_s,
+        preference_expires_at=expires,
+        workers=[s.WhyWorker(worker_id=w.worker_id, hostname=w.hostname,
+                             reasons=reasons[w.worker_id]) for w in live],
+    )
 
 
 @router.get("/v1/workers")

@@ -177,3 +177,20 @@ class ModelsOut(BaseModel):
 class ErrorOut(BaseModel):
     error: str
     detail: Any = None
+
+
+class WhyWorker(BaseModel):
+    worker_id: str
+    hostname: str
+    reasons: list[str]
+
+
+class WhyOut(BaseModel):
+    """Why a job is (not) running: each live worker's blocking rules."""
+
+    job_id: str
+    name: str
+    status: str
+    waited_s: float
+    preference_expires_at: float | None
+    workers: list[WhyWorker]

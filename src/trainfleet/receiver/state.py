@@ -8,6 +8,7 @@ import time
 from trainfleet import manifest as manifest_mod
 from trainfleet.queue import open_queue
 from trainfleet.queue.base import SyncResult
+from trainfleet.receiver.metrics import Metrics
 from trainfleet.receiver.settings import ReceiverSettings
 from trainfleet.store import LocalStore
 
@@ -29,6 +30,7 @@ class ReceiverState:
             log.info("removed %d partial upload(s) left by an earlier run", purged)
         self.sync = self.queue.sync_manifest(self.manifest)
         self.started_at = time.time()
+        self.metrics = Metrics(lambda: self.queue)
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -42,6 +44,7 @@ class ReceiverState:
 
     def sweep(self) -> list[str]:
         swept = self.queue.sweep_stale(since=self.started_at)
+        self.metrics.swept.inc(len(swept))
         for job_id in swept:
             log.warning("job %s: worker went silent; swept", job_id[:12])
         return swept
