@@ -21,8 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from trainfleet import __version__
 from trainfleet.errors import LeaseLost, PayloadTooLarge, TrainfleetError
-from trainfleet.receiver import metrics
-from trainfleet.receiver import dashboard
+from trainfleet.receiver import dashboard, metrics
 from trainfleet.receiver.routes import router
 from trainfleet.receiver.settings import ReceiverSettings
 from trainfleet.receiver.state import ReceiverState
