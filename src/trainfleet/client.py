@@ -14,6 +14,7 @@ import os
 import random
 import ssl
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -70,6 +71,8 @@ class Client:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.ssl_context = ssl_context
+        #: When set (a worker shutting down), backoff waits end and retries stop.
+        self.stop_event: threading.Event | None = None
         self._parts = parts
         # No proxy: the receiver is on the lab's network, and the streamed upload
         # (http.client) could not honour one anyway.
@@ -319,8 +322,16 @@ class Client:
                 error = _translate(exc, f"{method} {url}", fenced_job_id)
                 if not isinstance(error, ReceiverUnreachable) or n == retries:
                     raise error from exc
-            time.sleep(self._backoff(n))
+                if self._pause(self._backoff(n)):
+                    raise error from exc  # the caller is shutting down: stop retrying
         raise AssertionError("unreachable")
+
+    def _pause(self, delay_s: float) -> bool:
+        """Wait out a backoff; True if the stop event cut it short."""
+        if self.stop_event is None:
+            time.sleep(delay_s)
+            return False
+        return self.stop_event.wait(delay_s)
 
     def _backoff(self, n: int) -> float:
         """Capped exponential backoff with jitter, so a restarted receiver is not stampeded."""

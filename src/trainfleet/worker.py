@@ -139,7 +139,8 @@ class Worker:
         hostname = capability.hostname if capability else socket.gethostname().split(".")[0]
         self.worker_id = settings.worker_id or _load_worker_id(self.state_dir, hostname)
         self._stopping = False
-        self._wake = threading.Event()
+        self._wake = threading.Event()  #: set only when asked to stop
+        client.stop_event = self._wake
 
     def run(self) -> int:
         """Claim and run jobs until asked to stop, or `once` / `max_jobs` says; the exit code."""
