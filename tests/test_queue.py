@@ -142,8 +142,8 @@ def test_heartbeat_with_wrong_lease_is_fenced(queue: JobQueue) -> None:
     assert queue.get(claim.job.job_id).status == Status.CLAIMED
 
 
-def test_stale_sweep_requeues_then_fails_at_max_attempts(queue: JobQueue) -> None:
-    queue.sync_manifest(make_manifest([job("a")]), now=T0)  # max_attempts = 2
+def test_stale_sweep_requeues_then_fails_at_max_lost(queue: JobQueue) -> None:
+    queue.sync_manifest(make_manifest([job("a", max_lost=2)]), now=T0)
     first = queue.claim_next("w1", cpu(), now=T0)
     assert first is not None
     assert queue.sweep_stale(now=T0 + 599) == []
@@ -315,3 +315,52 @@ def test_list_filters_and_counts(queue: JobQueue) -> None:
     assert [j.name for j in queue.list_jobs(host="h1")] == [c.job.name]
     assert [j.name for j in queue.list_jobs(status="pending")] == ["m"]
     assert queue.counts()["claimed"] == 1 and queue.counts()["pending"] == 1
+
+
+def test_worker_returning_after_sweep_gets_its_unclaimed_job_back(queue: JobQueue) -> None:
+    queue.sync_manifest(make_manifest([job("a")]), now=T0)
+    c = queue.claim_next("w1", cpu(), now=T0)
+    assert c is not None
+    queue.sweep_stale(now=T0 + 700)
+    assert queue.get(c.job.job_id).lost_count == 1
+    assert queue.heartbeat(c.job.job_id, c.lease, now=T0 + 701) == "continue"
+    back = queue.get(c.job.job_id)
+    assert back.status == Status.RUNNING and back.attempts == 2 and back.worker_id == "w1"
+    assert back.lost_count == 0
+    assert [e.kind for e in queue.history(c.job.job_id)][-2:] == ["failed", "reclaimed"]
+    done = queue.complete(c.job.job_id, c.lease, "a" * 64, now=T0 + 702)
+    assert done.status == Status.COMPLETED
+    outcomes = [a.outcome for a in queue.attempts(c.job.job_id)]
+    assert outcomes == ["lost_worker", "completed"]
+
+
+def test_returning_worker_can_deliver_straight_after_a_sweep(queue: JobQueue) -> None:
+    queue.sync_manifest(make_manifest([job("a")]), now=T0)
+    c = queue.claim_next("w1", cpu(), now=T0)
+    assert c is not None
+    queue.sweep_stale(now=T0 + 700)
+    assert queue.check_lease(c.job.job_id, c.lease, now=T0 + 800).status == Status.RUNNING
+    assert queue.complete(c.job.job_id, c.lease, "b" * 64, now=T0 + 801).artifact_id == "b" * 64
+
+
+def test_lost_workers_and_trainer_errors_have_separate_budgets(queue: JobQueue) -> None:
+    queue.sync_manifest(make_manifest([job("a", max_attempts=2, max_lost=3)]), now=T0)
+    t = T0
+    for _ in range(2):  # two lost workers use none of max_attempts
+        c = queue.claim_next("w", cpu(), now=t)
+        assert c is not None
+        t += 700
+        queue.sweep_stale(now=t)
+    c = queue.claim_next("w", cpu(), now=t)
+    assert c is not None
+    after = queue.fail(c.job.job_id, c.lease, "boom", now=t + 1)
+    assert after.status == Status.PENDING
+    assert (after.attempts_charged, after.lost_count) == (1, 2)
+    c = queue.claim_next("w", cpu(), now=t + 2)
+    assert c is not None
+    final = queue.sweep_stale(now=t + 800)
+    assert final == [c.job.job_id]
+    job_after = queue.get(c.job.job_id)
+    assert job_after.status == Status.FAILED and job_after.lost_count == 3
+    outcomes = [a.outcome for a in queue.attempts(c.job.job_id)]
+    assert outcomes == ["lost_worker", "lost_worker", "trainer_error", "lost_worker"]

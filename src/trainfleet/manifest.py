@@ -29,6 +29,7 @@ DEFAULTABLE: dict[str, Any] = {
     "min_ram_gib": 0.0,
     "allowed_hosts": (),
     "max_attempts": 3,
+    "max_lost": 5,
     "timeout_s": 86400.0,
     "prefer_wait_s": 3600.0,
 }
@@ -80,7 +81,8 @@ class JobSpec:
     min_vram_gib: float = 0.0
     min_ram_gib: float = 0.0
     allowed_hosts: tuple[str, ...] = ()
-    max_attempts: int = 3
+    max_attempts: int = 3  #: bounds trainer errors and timeouts
+    max_lost: int = 5  #: bounds attempts lost with their worker
     timeout_s: float = 86400.0
     prefer_wait_s: float = 3600.0
     manifest_index: int = 0  #: position in the manifest; the last tie-breaker of claim order
@@ -199,6 +201,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "allowed_hosts": (_is_str_list, "a list of hostnames"),
     "train_hosts": (_is_str_list, "a list of strings"),
     "max_attempts": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "max_lost": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "timeout_s": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
     "prefer_wait_s": (lambda v: _is_number(v) and v >= 0, "a number of seconds >= 0"),
     "split_recipe": (lambda v: isinstance(v, str), "a string"),
@@ -405,6 +408,7 @@ class _Validator:
             min_ram_gib=values["min_ram_gib"],
             allowed_hosts=tuple(values["allowed_hosts"]),
             max_attempts=values["max_attempts"],
+            max_lost=values["max_lost"],
             timeout_s=values["timeout_s"],
             prefer_wait_s=values["prefer_wait_s"],
             manifest_index=index,

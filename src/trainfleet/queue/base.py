@@ -48,13 +48,15 @@ class Job:
     min_ram_gib: float
     allowed_hosts: tuple[str, ...]
     max_attempts: int
+    max_lost: int
     timeout_s: float
     prefer_wait_s: float
     manifest_index: int
     orphaned: bool
     status: Status
     attempts: int
-    attempts_charged: int  #: attempts that count against max_attempts
+    attempts_charged: int  #: trainer errors and timeouts, bounded by max_attempts
+    lost_count: int  #: attempts lost with their worker, bounded by max_lost
     worker_id: str | None
     hostname: str | None
     progress: Mapping[str, Any] | None
@@ -183,7 +185,7 @@ class JobQueue(Protocol):
         kind: FailureKind = FailureKind.TRAINER_ERROR,
         now: float | None = None,
     ) -> Job: ...
-    def check_lease(self, job_id: str, lease: str) -> Job: ...
+    def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job: ...
     def attempt_lease_matches(self, job_id: str, attempt: int, lease: str) -> bool: ...
     def log_tail(self, job_id: str) -> str | None: ...
     def cancel(self, job_id: str, now: float | None = None) -> Job: ...

@@ -62,7 +62,7 @@ ORDER_CUDA = "priority DESC, prefer_cuda DESC, manifest_index"
 
 MARK_CLAIMED = """
 UPDATE jobs SET status = 'claimed', lease = :lease, attempts = attempts + 1,
-       attempts_charged = attempts_charged + 1, worker_id = :worker_id,
+       worker_id = :worker_id,
        hostname = :hostname, claimed_at = :now, heartbeat_at = :now, progress = NULL,
        log_tail = NULL, updated_at = :now
 WHERE job_id = :job_id AND status = 'pending'
@@ -81,11 +81,11 @@ ON CONFLICT (worker_id) DO UPDATE SET
 INSERT_JOB = """
 INSERT INTO jobs (job_id, name, model, mode, hyper, split_recipe, train_hosts, seed, priority,
                   require_cuda, prefer_cuda, min_vram_gib, min_ram_gib, allowed_hosts,
-                  max_attempts, timeout_s, prefer_wait_s, manifest_index, status,
+                  max_attempts, max_lost, timeout_s, prefer_wait_s, manifest_index, status,
                   pending_since, created_at, updated_at)
 VALUES (:job_id, :name, :model, :mode, :hyper, :split_recipe, :train_hosts, :seed, :priority,
         :require_cuda, :prefer_cuda, :min_vram_gib, :min_ram_gib, :allowed_hosts,
-        :max_attempts, :timeout_s, :prefer_wait_s, :manifest_index, 'pending',
+        :max_attempts, :max_lost, :timeout_s, :prefer_wait_s, :manifest_index, 'pending',
         :now, :now, :now)
 """
 
@@ -94,7 +94,8 @@ VALUES (:job_id, :name, :model, :mode, :hyper, :split_recipe, :train_hosts, :see
 UPDATE_PENDING_JOB = """
 UPDATE jobs SET name = :name, priority = :priority, require_cuda = :require_cuda,
        prefer_cuda = :prefer_cuda, min_vram_gib = :min_vram_gib, min_ram_gib = :min_ram_gib,
-       allowed_hosts = :allowed_hosts, max_attempts = :max_attempts, timeout_s = :timeout_s,
+       allowed_hosts = :allowed_hosts, max_attempts = :max_attempts, max_lost = :max_lost,
+       timeout_s = :timeout_s,
        prefer_wait_s = :prefer_wait_s, manifest_index = :manifest_index, orphaned = 0,
        updated_at = :now
 WHERE job_id = :job_id
@@ -105,14 +106,14 @@ WHERE job_id = :job_id AND (manifest_index != :manifest_index OR orphaned != 0)
 """
 
 STALE_JOBS = """
-SELECT job_id, attempts, attempts_charged, max_attempts, worker_id FROM jobs
+SELECT job_id FROM jobs
 WHERE status IN ('claimed', 'running') AND max(heartbeat_at, :since) < :cutoff
 """
 
 # Fields whose change on reload counts as "updated" (while the job is pending).
 MUTABLE_FIELDS = (
     "name", "priority", "require_cuda", "prefer_cuda", "min_vram_gib", "min_ram_gib",
-    "allowed_hosts", "max_attempts", "timeout_s", "prefer_wait_s",
+    "allowed_hosts", "max_attempts", "max_lost", "timeout_s", "prefer_wait_s",
 )
 
 
@@ -137,6 +138,7 @@ def _spec_row(spec: JobSpec) -> dict[str, Any]:
         "min_ram_gib": spec.min_ram_gib,
         "allowed_hosts": _dumps(list(spec.allowed_hosts)),
         "max_attempts": spec.max_attempts,
+        "max_lost": spec.max_lost,
         "timeout_s": spec.timeout_s,
         "prefer_wait_s": spec.prefer_wait_s,
         "manifest_index": spec.manifest_index,
@@ -164,6 +166,7 @@ def _job(row: sqlite3.Row) -> Job:
         min_ram_gib=row["min_ram_gib"],
         allowed_hosts=tuple(json.loads(row["allowed_hosts"])),
         max_attempts=row["max_attempts"],
+        max_lost=row["max_lost"],
         timeout_s=row["timeout_s"],
         prefer_wait_s=row["prefer_wait_s"],
         manifest_index=row["manifest_index"],
@@ -171,6 +174,7 @@ def _job(row: sqlite3.Row) -> Job:
         status=Status(row["status"]),
         attempts=row["attempts"],
         attempts_charged=row["attempts_charged"],
+        lost_count=row["lost_count"],
         worker_id=row["worker_id"],
         hostname=row["hostname"],
         progress=_loads(row["progress"]),
@@ -267,13 +271,50 @@ class SqliteQueue:
             (job_id, now, kind, attempt, worker_id, _dumps(detail)),
         )
 
-    def _live_row(self, db: sqlite3.Connection, job_id: str, lease: str) -> sqlite3.Row:
+    def _live_row(
+        self, db: sqlite3.Connection, job_id: str, lease: str, now: float | None = None
+    ) -> sqlite3.Row:
+        """The job's row if `lease` is its current live lease; LeaseLost otherwise.
+
+        In a write transaction (`now` given), a worker that comes back after its job was
+        swept gets the job back under a new attempt, if nobody has claimed it since.
+        """
         row = self._row(db, job_id)
-        if row["lease"] is None or not secrets.compare_digest(row["lease"], lease):
-            raise LeaseLost(job_id)
-        if row["status"] not in LIVE:
-            raise LeaseLost(job_id, f"job is {row['status']}")
-        return row
+        if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
+            if row["status"] not in LIVE:
+                raise LeaseLost(job_id, f"job is {row['status']}")
+            return row
+        if now is not None and self._revive(db, row, lease, now):
+            return self._row(db, job_id)
+        raise LeaseLost(job_id)
+
+    def _revive(self, db: sqlite3.Connection, row: sqlite3.Row, lease: str, now: float) -> bool:
+        """Hand a swept, still unclaimed job back to the worker whose lease was swept."""
+        if row["status"] != Status.PENDING or row["orphaned"]:
+            return False
+        last = db.execute(
+            "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt DESC LIMIT 1",
+            (row["job_id"],),
+        ).fetchone()
+        if (last is None or last["outcome"] != FailureKind.LOST_WORKER
+                or not secrets.compare_digest(last["lease"], lease)):
+            return False
+        attempt = row["attempts"] + 1
+        db.execute(
+            "UPDATE jobs SET status = 'running', lease = ?, attempts = ?, "
+            "lost_count = max(lost_count - 1, 0), worker_id = ?, hostname = ?, error = NULL, "
+            "claimed_at = ?, heartbeat_at = ?, updated_at = ? WHERE job_id = ?",
+            (lease, attempt, last["worker_id"], last["hostname"], now, now, now,
+             row["job_id"]),
+        )
+        db.execute(
+            "INSERT INTO attempts (job_id, attempt, worker_id, hostname, lease, started_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (row["job_id"], attempt, last["worker_id"], last["hostname"], lease, now),
+        )
+        self._event(db, row["job_id"], "reclaimed", now, attempt, last["worker_id"],
+                    note=f"worker came back after attempt {last['attempt']} was swept")
+        return True
 
     def _end_attempt(
         self, db: sqlite3.Connection, row: sqlite3.Row, outcome: str, error: str | None,
@@ -419,10 +460,11 @@ class SqliteQueue:
             if w.alive and w.capability.cuda
         ]
 
-    def check_lease(self, job_id: str, lease: str) -> Job:
-        """The job, if `lease` is its current live lease; LeaseLost otherwise."""
-        with self._lock:
-            return _job(self._live_row(self._db, job_id, lease))
+    def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job:
+        """The job, if `lease` is its current live lease (or revivable); LeaseLost otherwise."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            return _job(self._live_row(db, job_id, lease, now))
 
     def heartbeat(
         self,
@@ -439,7 +481,7 @@ class SqliteQueue:
             if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
                 if row["status"] == Status.CANCELLED:
                     return "cancel"
-            row = self._live_row(db, job_id, lease)
+            row = self._live_row(db, job_id, lease, now)
             db.execute(
                 "UPDATE jobs SET status = 'running', heartbeat_at = ?, updated_at = ?, "
                 "progress = coalesce(?, progress), log_tail = coalesce(?, log_tail) "
@@ -473,7 +515,7 @@ class SqliteQueue:
                 and row["artifact_id"] == artifact_id
             ):
                 return _job(row)
-            row = self._live_row(db, job_id, lease)
+            row = self._live_row(db, job_id, lease, now)
             db.execute(
                 "UPDATE jobs SET status = 'completed', artifact_id = ?, metrics = ?, "
                 "progress = json_set(coalesce(progress, '{}'), '$.fraction', 1.0), error = NULL,"
@@ -497,24 +539,24 @@ class SqliteQueue:
         """End this attempt; the job goes back to pending while attempts remain."""
         now = time.time() if now is None else now
         with self._write() as db:
-            row = self._live_row(db, job_id, lease)
+            row = self._live_row(db, job_id, lease, now)
             charged = row["attempts_charged"]
-            if kind == FailureKind.WORKER_SHUTDOWN:
-                charged -= 1  # the worker was stopped: the training did not fail
+            if kind in (FailureKind.TRAINER_ERROR, FailureKind.TIMEOUT):
+                charged += 1  # a stopped worker is not the training's fault
             retry = retryable and charged < row["max_attempts"]
-            self._finish(db, row, retry, kind.value, error, charged, now)
+            self._finish(db, row, retry, kind.value, error, charged, row["lost_count"], now)
             return _job(self._row(db, job_id))
 
     def _finish(
         self, db: sqlite3.Connection, row: sqlite3.Row, retry: bool, outcome: str,
-        error: str, charged: int, now: float,
+        error: str, charged: int, lost: int, now: float,
     ) -> None:
         status = Status.PENDING if retry else Status.FAILED
         db.execute(
             "UPDATE jobs SET status = ?, lease = NULL, error = ?, attempts_charged = ?, "
-            "pending_since = CASE WHEN ? THEN ? ELSE pending_since END, updated_at = ? "
-            "WHERE job_id = ?",
-            (status.value, error, charged, retry, now, now, row["job_id"]),
+            "lost_count = ?, pending_since = CASE WHEN ? THEN ? ELSE pending_since END, "
+            "updated_at = ? WHERE job_id = ?",
+            (status.value, error, charged, lost, retry, now, now, row["job_id"]),
         )
         self._end_attempt(db, row, outcome, error, now)
         self._event(db, row["job_id"], "failed", now, row["attempts"], row["worker_id"],
@@ -531,10 +573,11 @@ class SqliteQueue:
             params = {"since": since, "cutoff": now - self.stale_after_s}
             for stale in db.execute(STALE_JOBS, params).fetchall():
                 row = self._row(db, stale["job_id"])
-                retry = row["attempts_charged"] < row["max_attempts"]
+                lost = row["lost_count"] + 1
+                retry = lost < row["max_lost"] and row["attempts_charged"] < row["max_attempts"]
                 error = f"lost worker {row['worker_id']}"
                 self._finish(db, row, retry, FailureKind.LOST_WORKER.value, error,
-                             row["attempts_charged"], now)
+                             row["attempts_charged"], lost, now)
                 swept.append(row["job_id"])
         return swept
 
@@ -580,7 +623,7 @@ class SqliteQueue:
                 raise IllegalTransition(job_id, row["status"], "requeue")
             db.execute(
                 "UPDATE jobs SET status = 'pending', lease = NULL, attempts_charged = 0, "
-                "error = NULL, progress = NULL, pending_since = ?, updated_at = ? "
+                "lost_count = 0, error = NULL, progress = NULL, pending_since = ?, updated_at = ? "
                 "WHERE job_id = ?",
                 (now, now, job_id),
             )

@@ -20,13 +20,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     min_ram_gib      REAL NOT NULL,
     allowed_hosts    TEXT NOT NULL,            -- JSON array; '[]' = any host
     max_attempts     INTEGER NOT NULL,
+    max_lost         INTEGER NOT NULL DEFAULT 5,
     timeout_s        REAL NOT NULL,
     prefer_wait_s    REAL NOT NULL,
     manifest_index   INTEGER NOT NULL,
     orphaned         INTEGER NOT NULL DEFAULT 0,
     status           TEXT NOT NULL,
     attempts         INTEGER NOT NULL DEFAULT 0,
-    attempts_charged INTEGER NOT NULL DEFAULT 0,
+    attempts_charged INTEGER NOT NULL DEFAULT 0,  -- trainer errors + timeouts, vs max_attempts
+    lost_count       INTEGER NOT NULL DEFAULT 0,  -- attempts lost with their worker, vs max_lost
     lease            TEXT,
     worker_id        TEXT,
     hostname         TEXT,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -35,9 +36,16 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def create_app(settings: ReceiverSettings) -> FastAPI:
-    """Build a receiver; raises ManifestError when the manifest is invalid."""
-    state = ReceiverState(settings)
+def create_app(
+    settings: ReceiverSettings,
+    wall: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> FastAPI:
+    """Build a receiver; raises ManifestError when the manifest is invalid.
+
+    The clocks are parameters so tests can step the wall clock.
+    """
+    state = ReceiverState(settings, wall, monotonic)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import os
 import re
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -95,7 +94,8 @@ async def claim(body: s.ClaimRequest, state: State) -> Any:
     capability = Capability.from_dict(body.capability)
     allow = tuple(body.allow_jobs) if body.allow_jobs is not None else None
     claimed = state.queue.claim_next(
-        body.worker_id, capability, body.slot_vram_gib, allow, tuple(body.deny_jobs)
+        body.worker_id, capability, body.slot_vram_gib, allow, tuple(body.deny_jobs),
+        now=state.now(),
     )
     if claimed is None:
         state.metrics.empty_claims.inc()
@@ -116,7 +116,7 @@ async def heartbeat(job_ref: JobRef, body: s.HeartbeatRequest, state: State) -> 
     """Liveness and progress; the answer says whether to go on or cancel."""
     job_id = state.queue.resolve(job_ref)
     progress = body.progress.model_dump(exclude_none=True) if body.progress else None
-    action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail)
+    action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail, state.now())
     state.metrics.heartbeats.inc()
     return s.HeartbeatOut(action=action)  # type: ignore[arg-type]
 
@@ -127,7 +127,7 @@ async def complete(job_ref: JobRef, body: s.CompleteRequest, state: State) -> s.
     job_id = state.queue.resolve(job_ref)
     if not state.store.has(body.artifact_id):
         raise BadRequest(f"artifact_id: {body.artifact_id} is not in the store; upload it first")
-    job = state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics)
+    job = state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics, state.now())
     state.metrics.completions.inc()
     return _job_out(job)
 
@@ -136,7 +136,8 @@ async def complete(job_ref: JobRef, body: s.CompleteRequest, state: State) -> s.
 async def fail(job_ref: JobRef, body: s.FailRequest, state: State) -> s.JobOut:
     """End the attempt; the job is retried while attempts remain."""
     job_id = state.queue.resolve(job_ref)
-    job = state.queue.fail(job_id, body.lease, body.error, body.retryable, FailureKind(body.kind))
+    job = state.queue.fail(job_id, body.lease, body.error, body.retryable, FailureKind(body.kind),
+                           state.now())
     state.metrics.failures.labels(body.kind).inc()
     return _job_out(job)
 
@@ -152,7 +153,7 @@ async def put_model(
     response: Response,
 ) -> s.ArtifactOut:
     """Stream a bundle into the store; its sha256 is checked before it becomes visible."""
-    job = state.queue.check_lease(state.queue.resolve(job_id), lease)
+    job = state.queue.check_lease(state.queue.resolve(job_id), lease, state.now())
     if state.store.has(artifact_id):
         async for _ in request.stream():  # drain, so the client sees a clean answer
             pass
@@ -282,7 +283,7 @@ async def get_job(job_ref: JobRef, state: State) -> s.JobDetailOut:
 @router.get("/v1/jobs/{job_ref}/why", responses=ERRORS)
 async def why(job_ref: JobRef, state: State) -> s.WhyOut:
     """For each live worker, every rule that keeps it from this job (matching.explain)."""
-    now = time.time()
+    now = state.now()
     job = state.queue.get(state.queue.resolve(job_ref))
     live = [w for w in state.queue.workers(now) if w.alive]
     slots = {w.worker_id: matching.Slot(w.capability, w.slot_vram_gib, w.policy) for w in live}
@@ -300,14 +301,15 @@ async def why(job_ref: JobRef, state: State) -> s.WhyOut:
 @router.get("/v1/workers")
 async def list_workers(state: State) -> s.WorkersOut:
     """Every worker seen, with capability, liveness and the jobs it holds."""
-    return s.WorkersOut(workers=[s.WorkerOut(**w.to_dict()) for w in state.queue.workers()])
+    workers = state.queue.workers(state.now())
+    return s.WorkersOut(workers=[s.WorkerOut(**w.to_dict()) for w in workers])
 
 
 @router.get("/v1/health")
 async def health(state: State) -> s.HealthOut:
     return s.HealthOut(
         ok=True, version=__version__, backend=state.queue.backend, manifest=state.manifest.name,
-        counts=state.queue.counts(), uptime_s=round(time.time() - state.started_at, 3),
+        counts=state.queue.counts(), uptime_s=round(state.now() - state.started_at, 3),
     )
 
 
@@ -317,13 +319,13 @@ async def health(state: State) -> s.HealthOut:
 @router.post("/v1/job/{job_ref}/cancel", dependencies=OperatorAuth, responses=ERRORS)
 async def cancel(job_ref: JobRef, state: State) -> s.JobOut:
     """Stop a pending or live job; its worker stops at its next heartbeat."""
-    return _job_out(state.queue.cancel(state.queue.resolve(job_ref)))
+    return _job_out(state.queue.cancel(state.queue.resolve(job_ref), state.now()))
 
 
 @router.post("/v1/job/{job_ref}/requeue", dependencies=OperatorAuth, responses=ERRORS)
 async def requeue(job_ref: JobRef, state: State) -> s.JobOut:
     """Give a failed or cancelled job a fresh set of attempts."""
-    return _job_out(state.queue.requeue(state.queue.resolve(job_ref)))
+    return _job_out(state.queue.requeue(state.queue.resolve(job_ref), state.now()))
 
 
 @router.post("/v1/manifest/reload", dependencies=OperatorAuth, responses=ERRORS)

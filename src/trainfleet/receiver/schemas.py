@@ -71,6 +71,7 @@ class JobOut(BaseModel):
     min_ram_gib: float
     allowed_hosts: list[str]
     max_attempts: int
+    max_lost: int
     timeout_s: float
     prefer_wait_s: float
     manifest_index: int
@@ -78,6 +79,7 @@ class JobOut(BaseModel):
     status: str
     attempts: int
     attempts_charged: int
+    lost_count: int
     worker_id: str | None
     hostname: str | None
     progress: dict[str, Any] | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from trainfleet import manifest as manifest_mod
 from trainfleet.queue import open_queue
@@ -18,8 +19,18 @@ log = logging.getLogger("trainfleet.receiver")
 class ReceiverState:
     """What the routes share: settings, the current manifest, the queue and the store."""
 
-    def __init__(self, settings: ReceiverSettings) -> None:
+    def __init__(
+        self,
+        settings: ReceiverSettings,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
+        # The receiver's clock: wall time read once at start, then advanced by the
+        # monotonic clock, so a wall-clock step never makes live jobs look stale.
+        self.started_at = wall()
+        self._monotonic = monotonic
+        self._started_mono = monotonic()
         self.manifest = manifest_mod.load(settings.manifest_path)  # invalid: refuse to start
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         settings.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -28,9 +39,12 @@ class ReceiverState:
         purged = self.store.purge_temp()
         if purged:
             log.info("removed %d partial upload(s) left by an earlier run", purged)
-        self.sync = self.queue.sync_manifest(self.manifest)
-        self.started_at = time.time()
+        self.sync = self.queue.sync_manifest(self.manifest, now=self.now())
         self.metrics = Metrics(lambda: self.queue)
+
+    def now(self) -> float:
+        """Seconds since the epoch by this receiver's step-free clock."""
+        return self.started_at + (self._monotonic() - self._started_mono)
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -38,12 +52,12 @@ class ReceiverState:
 
     def reload(self) -> SyncResult:
         manifest = manifest_mod.load(self.settings.manifest_path)
-        result = self.queue.sync_manifest(manifest)
+        result = self.queue.sync_manifest(manifest, now=self.now())
         self.manifest = manifest
         return result
 
     def sweep(self) -> list[str]:
-        swept = self.queue.sweep_stale(since=self.started_at)
+        swept = self.queue.sweep_stale(now=self.now(), since=self.started_at)
         self.metrics.swept.inc(len(swept))
         for job_id in swept:
             log.warning("job %s: worker went silent; swept", job_id[:12])
