@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from trainfleet import bundle
+from trainfleet import bundle, trainer_process
 from trainfleet.capability import Capability, detect, self_test
 from trainfleet.client import Client
 from trainfleet.errors import LeaseLost, ReceiverError, ReceiverUnreachable, TrainfleetError
@@ -46,10 +46,8 @@ PROGRESS_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 if sys.platform == "win32":
-    _NEW_PROCESS_GROUP = subprocess.CREATE_NEW_PROCESS_GROUP
     _STOP_SIGNALS = (signal.SIGINT, signal.SIGBREAK)  # Ctrl-C, Ctrl-Break / service stop
 else:
-    _NEW_PROCESS_GROUP = 0
     _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # kill <pid> / systemd stop, Ctrl-C
 
 
@@ -217,6 +215,10 @@ class Worker:
         """Detect this host and self-test it; False (and why, logged) when it cannot train."""
         cap = self._capability()
         log.info("worker %s: %s", self.worker_id, _describe(cap))
+        leftovers = trainer_process.reap_leftovers(self.state_dir)
+        if leftovers:
+            log.warning("ended %d process(es) left by a trainer of an earlier run: %s",
+                        len(leftovers), leftovers)
         for probe, why in cap.problems:
             log.warning("capability %s unknown: %s", probe, why)
         problems = self_test(cap, python=self.settings.python)
@@ -257,6 +259,8 @@ class Worker:
         started = time.monotonic()
         outcome = self._supervise(child, att, timeout_s, interval_s)
         elapsed_s = time.monotonic() - started
+        trainer_process.signal_group(child, kill=True)  # leftovers of a finished trainer
+        trainer_process.finished(self.state_dir)
 
         if outcome is _Outcome.EXITED and child.returncode == 0:
             log.info("job %s: trainer finished in %.0f s", att.short, elapsed_s)
@@ -304,17 +308,8 @@ class Worker:
             "TRAINFLEET_RECEIVER": self.settings.receiver_url,
         }
         env.setdefault("PYTHONUNBUFFERED", "1")  # so heartbeat log tails are live
-        with open(att.log_path, "ab") as log_file:
-            return subprocess.Popen(
-                argv,
-                cwd=self.settings.workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=sys.platform != "win32",
-                creationflags=_NEW_PROCESS_GROUP,
-            )
+        return trainer_process.start(argv, self.settings.workdir, env, att.log_path,
+                                     self.state_dir)
 
     def _supervise(
         self,
@@ -361,7 +356,7 @@ class Worker:
 
     def _terminate(self, child: subprocess.Popen[bytes]) -> None:
         """Stop the trainer's whole group: a polite signal, shutdown_grace_s, then kill."""
-        _signal_group(child, kill=False)
+        trainer_process.signal_group(child, kill=False)
         try:
             child.wait(timeout=self.settings.shutdown_grace_s)
         except subprocess.TimeoutExpired:
@@ -370,7 +365,7 @@ class Worker:
                 "trainer %d ignored the stop signal for %g s; killing it", child.pid, grace_s
             )
         # Kill in any case: helpers the trainer started (data loaders) may outlive it.
-        _signal_group(child, kill=True)
+        trainer_process.signal_group(child, kill=True)
         child.wait()
 
     def _report_failure(self, att: _Attempt, kind: str, error: str, retryable: bool) -> None:
@@ -530,19 +525,6 @@ def _prepare_run_dir(att: _Attempt, hyper: dict[str, Any]) -> None:
     att.out_dir.mkdir(parents=True)
     att.hyper_path.write_text(json.dumps(hyper, indent=2, sort_keys=True), encoding="utf-8")
     att.log_path.touch()
-
-
-def _signal_group(child: subprocess.Popen[bytes], kill: bool) -> None:
-    try:
-        if sys.platform == "win32":
-            if kill:
-                child.kill()
-            else:
-                child.send_signal(signal.CTRL_BREAK_EVENT)
-        else:
-            os.killpg(child.pid, signal.SIGKILL if kill else signal.SIGTERM)
-    except OSError:
-        pass  # already gone
 
 
 def _load_worker_id(state_dir: Path, hostname: str) -> str:
