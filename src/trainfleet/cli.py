@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -64,8 +65,13 @@ def add_receiver(sub: Any) -> None:
                    help="how often to look for silent workers (default: 30)")
     p.add_argument("--max-upload-bytes", type=int, default=64 << 30, metavar="N",
                    help="largest bundle accepted (default: 64 GiB)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this "
+                   "certificate chain")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
+    p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--insecure", action="store_true",
-                   help="allow a non-loopback bind without a worker token")
+                   help="allow a non-loopback bind with neither TLS nor a worker token")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run_receiver)
 
@@ -86,30 +92,46 @@ def run_receiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         worker_token=read_token(args.worker_token_file, environ, "TRAINFLEET_WORKER_TOKEN"),
         stale_after_s=args.stale_after, sweep_interval_s=args.sweep_interval,
         max_upload_bytes=args.max_upload_bytes, insecure=args.insecure,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
     )
-    problem = settings.bind_problem()
+    problem = settings.tls_problem() or settings.bind_problem()
     if problem:
         raise TrainfleetError(problem)
     app = create_app(settings)
     sock = _bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    url = f"{settings.scheme}://{host if ':' not in host else f'[{host}]'}:{port}"
     print(f"trainfleet receiver {__version__} listening on {url}", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=False)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
+                            **_uvicorn_tls(settings))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _uvicorn_tls(settings: Any) -> dict[str, Any]:
+    """uvicorn's TLS options; client certificates are required when a client CA is set."""
+    if not settings.tls_cert:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(settings.tls_cert),
+                               "ssl_keyfile": str(settings.tls_key)}
+    if settings.tls_client_ca:
+        options |= {"ssl_ca_certs": str(settings.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
 
 
 def _bind(host: str, port: int) -> socket.socket:
     """Bind before serving, so `--port 0` can report the port it got."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio turns Nagle off only on connections whose socket
+    # says TCP, and with Nagle on every answer written in two parts waits ~40 ms for an ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         raise TrainfleetError(f"--host/--port: cannot bind {host}:{port}: {exc.strerror}") from exc
+    sock.listen(2048)  # connections queue from now on, so "listening on" is true when printed
     sock.set_inheritable(True)
     return sock
 
@@ -138,6 +160,7 @@ def add_worker(sub: Any) -> None:
     p.add_argument("--max-jobs", type=int, metavar="N", help="exit after N jobs")
     p.add_argument("--capability-file", type=Path,
                    help="JSON object whose keys replace detected capability fields")
+    console.add_tls_client_arguments(p)
     p.set_defaults(handler=run_worker)
 
 
@@ -156,7 +179,9 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         once=args.once, max_jobs=args.max_jobs, capability_file=args.capability_file,
         shutdown_grace_s=args.shutdown_grace,
     )
-    worker = Worker(settings, Client(url, worker_token=token))
+    client = Client(url, worker_token=token,
+                    ssl_context=console.tls_context_from(args, environ))
+    worker = Worker(settings, client)
     worker.install_signal_handlers()
     return worker.run()
 

@@ -39,6 +39,24 @@ CHUNK_BYTES = 1 << 20
 USER_AGENT = f"trainfleet/{__version__}"
 
 
+def tls_context(
+    ca: Path | None = None, client_cert: Path | None = None, client_key: Path | None = None
+) -> ssl.SSLContext | None:
+    """A verifying TLS context trusting `ca` (else the system store), with an optional
+    client certificate; None when nothing is configured (plain defaults apply)."""
+    if ca is None and client_cert is None:
+        return None
+    if bool(client_cert) != bool(client_key):
+        raise TrainfleetError("--client-cert and --client-key: give both or neither")
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if client_cert is not None:
+            context.load_cert_chain(str(client_cert), str(client_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise TrainfleetError(f"TLS files: cannot load: {exc}") from exc
+    return context
+
+
 class Client:
     """Talks to one receiver; transient failures are retried with capped exponential backoff.
 
@@ -261,6 +279,33 @@ class Client:
     def reload_manifest(self) -> dict[str, Any]:
         """Re-read the manifest: added / updated / unchanged / orphaned counts (operator)."""
         answer: dict[str, Any] = self._json("POST", "/v1/manifest/reload", operator=True)
+        return answer
+
+    # --- per-host tokens and enrollment -------------------------------------
+
+    def create_token(
+        self, hostname: str, enroll: bool = False, ttl_s: float | None = None
+    ) -> dict[str, Any]:
+        """Mint a worker token (or a one-time enrollment code) for a host (operator)."""
+        body = {"hostname": hostname, "enroll": enroll, "ttl_s": ttl_s}
+        answer: dict[str, Any] = self._json("POST", "/v1/tokens", body=body, operator=True)
+        return answer
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every token and code the receiver has issued, without the secrets (operator)."""
+        tokens: list[dict[str, Any]] = self._json("GET", "/v1/tokens", operator=True)["tokens"]
+        return tokens
+
+    def revoke_host(self, hostname: str) -> dict[str, Any]:
+        """Refuse a host's tokens from now on; its live jobs are requeued (operator)."""
+        path = f"/v1/tokens/{_seg(hostname)}/revoke"
+        answer: dict[str, Any] = self._json("POST", path, operator=True)
+        return answer
+
+    def enroll(self, code: str, hostname: str) -> dict[str, Any]:
+        """Trade a one-time enrollment code for this host's worker token."""
+        body = {"code": code, "hostname": hostname}
+        answer: dict[str, Any] = self._json("POST", "/v1/enroll", body=body)
         return answer
 
     # --- plumbing -----------------------------------------------------------

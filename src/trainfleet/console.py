@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainfleet import bundle
-from trainfleet.client import Client
+from trainfleet.client import Client, tls_context
 from trainfleet.errors import ReceiverError, TrainfleetError
 
 DEFAULT_RECEIVER = "http://127.0.0.1:8470"
@@ -30,6 +31,7 @@ def add_commands(sub: Any, read_token: Callable[..., str | None]) -> None:
     common.add_argument("--operator-token-file", type=Path,
                         help="operator token (env: TRAINFLEET_OPERATOR_TOKEN)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    add_tls_client_arguments(common)
 
     def command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=help)
@@ -60,11 +62,31 @@ def add_commands(sub: Any, read_token: Callable[..., str | None]) -> None:
     command("reload", reload, "re-read the manifest (operator)")
 
 
+def add_tls_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ca", type=Path, metavar="PEM",
+                   help="trust this CA for an https:// receiver (env: TRAINFLEET_CA)")
+    p.add_argument("--client-cert", type=Path, metavar="PEM",
+                   help="client certificate for mutual TLS (env: TRAINFLEET_CLIENT_CERT)")
+    p.add_argument("--client-key", type=Path, metavar="PEM",
+                   help="its private key (env: TRAINFLEET_CLIENT_KEY)")
+
+
+def tls_context_from(args: argparse.Namespace, environ: Mapping[str, str]) -> ssl.SSLContext | None:
+    """The client's TLS context from --ca/--client-cert/--client-key or their env vars."""
+    def path(flag: Path | None, variable: str) -> Path | None:
+        return flag or (Path(environ[variable]) if environ.get(variable) else None)
+
+    return tls_context(path(args.ca, "TRAINFLEET_CA"), path(args.client_cert,
+                       "TRAINFLEET_CLIENT_CERT"), path(args.client_key, "TRAINFLEET_CLIENT_KEY"))
+
+
 def _run(handler: Handler, read_token: Callable[..., str | None]) -> Any:
     def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         url = args.receiver or environ.get("TRAINFLEET_RECEIVER") or DEFAULT_RECEIVER
         token = read_token(args.operator_token_file, environ, "TRAINFLEET_OPERATOR_TOKEN")
-        return handler(args, Client(url, operator_token=token, retries=1, backoff_s=0.2))
+        client = Client(url, operator_token=token, retries=1, backoff_s=0.2,
+                        ssl_context=tls_context_from(args, environ))
+        return handler(args, client)
 
     return run
 

@@ -24,6 +24,15 @@ class ReceiverSettings:
     max_body_bytes: int = 1 << 20  #: JSON request bodies
     max_log_bytes: int = 16 << 20
     insecure: bool = False
+    #: Worker calls need a token (shared or per-host) even before any host is enrolled.
+    require_worker_token: bool = False
+    tls_cert: Path | None = None  #: PEM certificate chain; with tls_key, serve HTTPS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  #: require client certificates signed by this CA
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
     @property
     def db_path(self) -> str:
@@ -37,14 +46,36 @@ class ReceiverSettings:
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
 
+    def tls_problem(self) -> str | None:
+        """What is wrong with the TLS settings, naming the flag."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            return "--tls-cert and --tls-key: give both or neither"
+        if self.tls_client_ca and not self.tls_cert:
+            return "--tls-client-ca: needs --tls-cert and --tls-key (client certificates need TLS)"
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):
+            if path is not None and not path.is_file():
+                return f"{flag}: {path} is not a readable file"
+        return None
+
     def bind_problem(self) -> str | None:
         """Why this bind is refused: beyond loopback, workers must present a token."""
-        if self.insecure or self.worker_token or is_loopback(self.host):
+        if self.insecure or self.worker_token or self.require_worker_token or self.tls_cert:
+            return None
+        if is_loopback(self.host):
             return None
         return (
-            f"--host {self.host}: refusing to listen beyond loopback without a worker token "
-            "(set --worker-token-file or TRAINFLEET_WORKER_TOKEN, or pass --insecure)"
+            f"--host {self.host}: refusing to listen beyond loopback with neither TLS nor a "
+            "worker token (set --tls-cert/--tls-key, or --worker-token-file or "
+            "TRAINFLEET_WORKER_TOKEN; or enrol hosts with per-host tokens and pass "
+            "--require-worker-token; or pass --insecure)"
         )
+
+    @property
+    def open_to_workers(self) -> bool:
+        """Whether worker calls may come without a token while no host token was ever issued
+        (bind_problem has already vetted a bind beyond loopback)."""
+        return not (self.worker_token or self.require_worker_token)
 
 
 def is_loopback(host: str) -> bool:
