@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
+from tests import live
 from tests.conftest import cpu, gpu, job, manifest_text
 from trainfleet.client import Client
-from trainfleet.receiver import ReceiverSettings, create_app
+from trainfleet.receiver import ReceiverSettings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -33,7 +30,6 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 OPERATOR_TOKEN = "dashboard-operator-token"
-READY_DEADLINE_S = 10.0
 BROWSER_TIMEOUT_MS = 15_000  # two polls are 4 s; leave room for a slow CI machine
 OOM = "RuntimeError: CUDA out of memory (distinctive)"
 # The second line is markup on purpose: the page must show it as text, never render it.
@@ -68,39 +64,8 @@ def serving(root: Path, jobs: list[dict[str, Any]]) -> Iterator[Receiver]:
     manifest_path.write_text(manifest_text(jobs))
     settings = ReceiverSettings(manifest_path=manifest_path, state_dir=root / "state",
                                 operator_token=OPERATOR_TOKEN, worker_token=None)
-    app = create_app(settings)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        host, port = sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                                http="h11", ws="none", lifespan="on")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                  name=f"dashboard-receiver-{port}")
-        thread.start()
-        try:
-            receiver = Receiver(f"http://{host}:{port}", host, port)
-            _wait_ready(receiver, thread)
-            yield receiver
-        finally:
-            server.should_exit = True
-            thread.join(READY_DEADLINE_S)
-        assert not thread.is_alive(), "the receiver did not stop"
-
-
-def _wait_ready(receiver: Receiver, thread: threading.Thread) -> None:
-    deadline = time.monotonic() + READY_DEADLINE_S
-    while True:
-        if not thread.is_alive():
-            raise AssertionError("the receiver thread ended before it answered")
-        try:
-            if receiver.get("/v1/health")[0] == 200:
-                return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{receiver.url} did not answer /v1/health in time")
-        time.sleep(0.02)
+    with live.serving(settings) as (host, port):
+        yield Receiver(f"http://{host}:{port}", host, port)
 
 
 class _Ids(HTMLParser):
