@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 $(BIN)/trainfleet: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[server,zstd,examples,dev]'
+	$(BIN)/python -m pip install -q -e '.[server,postgres,zstd,examples,dev]'
 	touch $@
 
 demo: $(BIN)/trainfleet      ## a real fleet on loopback: receiver, two workers, real training
@@ -20,6 +20,9 @@ lint: $(BIN)/trainfleet
 
 test: lint                   ## the whole suite, slow tests included
 	$(BIN)/pytest -q
+
+bench: $(BIN)/trainfleet     ## ours vs floors measured in the same run; BENCH_ARGS=--quick for a short one
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from trainfleet import manifest
 from trainfleet.capability import Capability, Gpu
+from trainfleet.queue import open_queue
 from trainfleet.queue.base import JobQueue
-from trainfleet.queue.sqlite import SqliteQueue
+
+if TYPE_CHECKING:
+    from tests.pg import Cluster
+
+QueueFactory = Callable[[], JobQueue]
 
 HEADER = """
 schema_version = 1
@@ -71,9 +76,49 @@ def gpu(hostname: str = "gpu-a", vram_gib: float = 24.0, ram_gib: float = 64.0) 
                       gpus=(Gpu(0, "Test GPU", vram_gib),))
 
 
-@pytest.fixture(params=["sqlite"])
-def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobQueue]:
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One throwaway PostgreSQL server for the whole session, started on first use."""
+    from tests.pg import Cluster
+
+    with Cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=BACKENDS)
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database of each backend, as the URL `open_queue` takes."""
+    return _fresh_url(request, tmp_path)
+
+
+@pytest.fixture
+def queue(queue_url: str) -> Iterator[JobQueue]:
     """Every queue backend, on a fresh real database."""
-    q = SqliteQueue(tmp_path / "queue.db", stale_after_s=600.0)
+    q = open_queue(queue_url, stale_after_s=600.0)
     yield q
     q.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def fresh_queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueFactory]:
+    """Each backend as a factory of fresh, empty queues (for property tests), closed after."""
+    opened: list[JobQueue] = []
+
+    def make() -> JobQueue:
+        opened.append(open_queue(_fresh_url(request, tmp_path / str(len(opened)))))
+        return opened[-1]
+
+    yield make
+    for q in opened:
+        q.close()
+
+
+def _fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        cluster: Cluster = request.getfixturevalue("pg_cluster")
+        return cluster.fresh_schema()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{tmp_path / 'queue.db'}"

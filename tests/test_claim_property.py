@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import make_manifest
+from tests.conftest import QueueFactory, make_manifest
 from trainfleet import matching
 from trainfleet.capability import Capability, Gpu
-from trainfleet.queue.sqlite import SqliteQueue
 
 HOSTS = ["h1", "h2", "pi", "tiny"]
 HOST_POLICY = '[hosts.pi]\ndeny_jobs = ["transformer"]\n[hosts.tiny]\nallow_jobs = ["gbt"]\n'
@@ -45,7 +42,9 @@ def _manifest(fields: list[dict[str, Any]]) -> Any:
     return make_manifest(jobs, HOST_POLICY)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# fresh_queue makes a new database per example, so sharing the fixture across examples is safe.
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     fields=st.lists(job_fields, min_size=1, max_size=12),
     cap=capabilities(),
@@ -53,23 +52,23 @@ def _manifest(fields: list[dict[str, Any]]) -> Any:
     cuda_peer=st.booleans(),
 )
 def test_claim_returns_the_best_job_matching_calls_eligible(
-    fields: list[dict[str, Any]], cap: Capability, own_deny: list[str], cuda_peer: bool
+    fresh_queue: QueueFactory, fields: list[dict[str, Any]], cap: Capability,
+    own_deny: list[str], cuda_peer: bool
 ) -> None:
     manifest = _manifest(fields)
-    with tempfile.TemporaryDirectory() as tmp:
-        q = SqliteQueue(Path(tmp) / "q.db")
-        q.sync_manifest(manifest, now=T0)
-        peer_slots: list[matching.Slot] = []
-        taken = None
-        if cuda_peer:  # a live CUDA worker changes the prefer_cuda rule for CPU slots
-            peer = Capability(hostname="h2", os="linux", cpu_count=8, ram_gib=64.0, cuda=True,
-                              gpus=(Gpu(0, "G", 80.0),))
-            peer_claim = q.claim_next("peer", peer, now=T0)
-            taken = peer_claim.job.job_id if peer_claim else None
-            peer_slots = [matching.Slot(peer, 80.0, matching.merge_policy(
-                manifest.hosts.get("h2"), None, ()))]
-        claim = q.claim_next("w", cap, own_deny=tuple(own_deny), now=T0 + 10)
-        q.close()
+    q = fresh_queue()  # a new database for each example
+    q.sync_manifest(manifest, now=T0)
+    peer_slots: list[matching.Slot] = []
+    taken = None
+    if cuda_peer:  # a live CUDA worker changes the prefer_cuda rule for CPU slots
+        peer = Capability(hostname="h2", os="linux", cpu_count=8, ram_gib=64.0, cuda=True,
+                          gpus=(Gpu(0, "G", 80.0),))
+        peer_claim = q.claim_next("peer", peer, now=T0)
+        taken = peer_claim.job.job_id if peer_claim else None
+        peer_slots = [matching.Slot(peer, 80.0, matching.merge_policy(
+            manifest.hosts.get("h2"), None, ()))]
+    claim = q.claim_next("w", cap, own_deny=tuple(own_deny), now=T0 + 10)
+    q.close()
     slot = matching.Slot(cap, cap.max_vram_gib,
                          matching.merge_policy(manifest.hosts.get(cap.hostname), None, own_deny))
     cuda_slots = peer_slots if not cap.cuda else []

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import cpu, gpu, job, make_manifest
-from trainfleet.errors import AmbiguousJobId, IllegalTransition, JobNotFound, LeaseLost
+from trainfleet.errors import (
+    AmbiguousJobId,
+    EnrollmentRefused,
+    IllegalTransition,
+    JobNotFound,
+    LeaseLost,
+    NotFound,
+)
 from trainfleet.manifest import job_id_of
 from trainfleet.queue.base import FailureKind, JobQueue, Status
+from trainfleet.tokens import TokenKind, hash_token
 
 T0 = 1_000_000.0
 
@@ -364,3 +372,110 @@ def test_lost_workers_and_trainer_errors_have_separate_budgets(queue: JobQueue) 
     assert job_after.status == Status.FAILED and job_after.lost_count == 3
     outcomes = [a.outcome for a in queue.attempts(c.job.job_id)]
     assert outcomes == ["lost_worker", "lost_worker", "trainer_error", "lost_worker"]
+
+
+# -- per-host tokens and enrollment codes (only hashes are stored) -----------
+
+WORKER, ENROLL = TokenKind.WORKER, TokenKind.ENROLL
+CODE, TOKEN, OTHER = hash_token("tfe_code"), hash_token("tfw_token"), hash_token("tfw_other")
+
+
+def test_lookup_token_answers_active_tokens_only(queue: JobQueue) -> None:
+    made = queue.create_token("gpu-a", WORKER, TOKEN, now=T0)
+    assert (made.hostname, made.kind, made.created_at, made.expires_at) == ("gpu-a", WORKER, T0,
+                                                                             None)
+    assert queue.lookup_token(TOKEN, now=T0 + 1) == made
+    assert queue.lookup_token(OTHER, now=T0 + 1) is None
+    queue.create_token("gpu-a", WORKER, OTHER, expires_at=T0 + 10, now=T0)
+    assert queue.lookup_token(OTHER, now=T0 + 9) is not None
+    assert queue.lookup_token(OTHER, now=T0 + 10) is None
+
+
+def test_touch_token_records_the_last_use(queue: JobQueue) -> None:
+    queue.create_token("gpu-a", WORKER, TOKEN, now=T0)
+    queue.touch_token(TOKEN, now=T0 + 42)
+    info = queue.lookup_token(TOKEN, now=T0 + 43)
+    assert info is not None and info.last_used_at == T0 + 42
+
+
+def test_has_worker_tokens_counts_every_worker_token_ever_issued(queue: JobQueue) -> None:
+    assert not queue.has_worker_tokens()
+    queue.create_token("h", ENROLL, CODE, expires_at=T0 + 100, now=T0)
+    assert not queue.has_worker_tokens()  # a code alone does not close the receiver
+    queue.create_token("h", WORKER, TOKEN, now=T0)
+    assert queue.has_worker_tokens()
+    queue.revoke_host("h", now=T0 + 1)
+    assert queue.has_worker_tokens()  # revoking every host must not reopen it
+
+
+def test_enroll_code_is_exchanged_once_for_a_worker_token(queue: JobQueue) -> None:
+    queue.create_token("gpu-a", ENROLL, CODE, expires_at=T0 + 3600, now=T0)
+    token = queue.redeem_enroll_code(CODE, "gpu-a", TOKEN, now=T0 + 5)
+    assert (token.kind, token.hostname, token.created_at, token.expires_at) == (
+        WORKER, "gpu-a", T0 + 5, None)
+    assert queue.lookup_token(TOKEN, now=T0 + 6) == token
+    assert queue.lookup_token(CODE, now=T0 + 6) is None
+    with pytest.raises(EnrollmentRefused, match="already used") as refused:
+        queue.redeem_enroll_code(CODE, "gpu-a", OTHER, now=T0 + 7)
+    assert refused.value.reason == "used" and refused.value.status == 403
+    assert queue.lookup_token(OTHER, now=T0 + 8) is None
+
+
+@pytest.mark.parametrize(("code_hash", "hostname", "at", "reason", "needle"), [
+    (OTHER, "gpu-a", T0 + 1, "unknown", "not known"),
+    (TOKEN, "gpu-a", T0 + 1, "unknown", "not known"),  # a worker token is not a code
+    (CODE, "gpu-a", T0 + 600, "expired", "expired at"),
+    (CODE, "gpu-b", T0 + 1, "hostname", "for host 'gpu-a', not 'gpu-b'"),
+], ids=["unknown-code", "worker-token-as-code", "expired", "other-hostname"])
+def test_refused_enrollment_names_the_rule_and_changes_nothing(
+    queue: JobQueue, code_hash: str, hostname: str, at: float, reason: str, needle: str
+) -> None:
+    queue.create_token("gpu-a", ENROLL, CODE, expires_at=T0 + 600, now=T0)
+    queue.create_token("gpu-a", WORKER, TOKEN, now=T0)
+    before = queue.list_tokens()
+    with pytest.raises(EnrollmentRefused, match=needle) as refused:
+        queue.redeem_enroll_code(code_hash, hostname, hash_token("tfw_new"), now=at)
+    assert refused.value.reason == reason
+    assert queue.list_tokens() == before
+
+
+def test_a_revoked_code_cannot_be_redeemed(queue: JobQueue) -> None:
+    queue.create_token("gpu-a", ENROLL, CODE, expires_at=T0 + 600, now=T0)
+    queue.revoke_host("gpu-a", now=T0 + 1)
+    with pytest.raises(EnrollmentRefused, match="revoked") as refused:
+        queue.redeem_enroll_code(CODE, "gpu-a", TOKEN, now=T0 + 2)
+    assert refused.value.reason == "revoked"
+
+
+def test_list_tokens_shows_every_token_and_code_with_its_state(queue: JobQueue) -> None:
+    queue.create_token("b-host", WORKER, TOKEN, now=T0)
+    queue.create_token("a-host", ENROLL, CODE, expires_at=T0 + 60, now=T0 + 1)
+    listed = queue.list_tokens()
+    assert [(t.hostname, t.kind) for t in listed] == [("a-host", ENROLL), ("b-host", WORKER)]
+    assert listed[0].expires_at == T0 + 60 and listed[0].active(T0 + 59)
+    assert not listed[0].active(T0 + 60)
+    view = listed[1].to_dict(T0)
+    assert view["token_id"] == TOKEN[:12] and "token_hash" not in view
+    assert view["kind"] == "worker" and view["active"] is True
+
+
+def test_revoke_host_revokes_its_tokens_and_requeues_its_live_jobs(queue: JobQueue) -> None:
+    queue.sync_manifest(make_manifest([job("a"), job("b")]), now=T0)
+    queue.create_token("gpu-a", WORKER, TOKEN, now=T0)
+    queue.create_token("gpu-a", ENROLL, CODE, expires_at=T0 + 600, now=T0)
+    queue.create_token("cpu-b", WORKER, OTHER, now=T0)
+    mine = queue.claim_next("w-a", gpu("gpu-a"), now=T0 + 1)
+    theirs = queue.claim_next("w-b", cpu("cpu-b"), now=T0 + 1)
+    assert mine is not None and theirs is not None
+    result = queue.revoke_host("gpu-a", now=T0 + 5)
+    assert (result.hostname, result.revoked, result.requeued) == ("gpu-a", 2, (mine.job.job_id,))
+    swept = queue.get(mine.job.job_id)
+    assert swept.status == Status.PENDING and swept.lost_count == 1
+    assert swept.error is not None and "revoked" in swept.error and "w-a" in swept.error
+    assert queue.attempts(mine.job.job_id)[-1].outcome == FailureKind.LOST_WORKER
+    assert queue.get(theirs.job.job_id).status == Status.CLAIMED
+    assert queue.lookup_token(TOKEN, now=T0 + 6) is None
+    assert queue.lookup_token(OTHER, now=T0 + 6) is not None
+    assert all(t.revoked_at == T0 + 5 for t in queue.list_tokens() if t.hostname == "gpu-a")
+    with pytest.raises(NotFound, match="no active token"):
+        queue.revoke_host("gpu-a", now=T0 + 6)

@@ -1,8 +1,10 @@
-"""SQLite specifics: WAL, the claim's index, and many processes claiming at once."""
+"""SQLite specifics: WAL, the claim's index, the schema version.
+
+Many processes claiming at once: test_queue_concurrency.py, for every backend.
+"""
 
 from __future__ import annotations
 
-import multiprocessing
 import sqlite3
 from pathlib import Path
 
@@ -42,49 +44,6 @@ def test_schema_newer_than_code_is_refused(tmp_path: Path) -> None:
     db.commit()
     with pytest.raises(Exception, match="newer than this release"):
         SqliteQueue(tmp_path / "q.db")
-
-
-def _claim_and_complete(path: str, worker: str, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    q = SqliteQueue(path)
-    done, errors = [], []
-    while True:
-        try:
-            claim = q.claim_next(worker, cpu(worker))
-            if claim is None:
-                break
-            q.heartbeat(claim.job.job_id, claim.lease)
-            q.complete(claim.job.job_id, claim.lease, "e" * 64)
-            done.append(claim.job.job_id)
-        except Exception as exc:  # any error is a failure of the test, reported back
-            errors.append(repr(exc))
-            break
-    q.close()
-    results.put((done, errors))
-
-
-@pytest.mark.slow
-def test_eight_processes_complete_every_job_exactly_once(tmp_path: Path) -> None:
-    path = str(tmp_path / "q.db")
-    q = SqliteQueue(path)
-    q.sync_manifest(make_manifest([job(f"j{i}", seed=i) for i in range(2000)]))
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_claim_and_complete, args=(path, f"w{i}", results))
-             for i in range(8)]
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-    completed = [job_id for done, _ in outcomes for job_id in done]
-    assert [e for _, errors in outcomes for e in errors] == []
-    assert len(completed) == 2000 and len(set(completed)) == 2000
-    assert q.counts()["completed"] == 2000
-    claims = sqlite3.connect(path).execute(
-        "SELECT count(*) FROM events WHERE kind = 'claimed'").fetchone()[0]
-    assert claims == 2000
-    assert sum(1 for done, _ in outcomes if done) >= 2  # the work really was shared
-    q.close()
 
 
 def test_prefer_cuda_rank_on_gpu_only(tmp_path: Path) -> None:

@@ -24,6 +24,15 @@ WORKER_SIDE = [
     "trainfleet.bundle",
     "trainfleet.manifest",
     "trainfleet.matching",
+    "trainfleet.console",
+    "trainfleet.demo",
+    "trainfleet.failures",
+    "trainfleet.trainer_process",
+    "trainfleet.config",
+    "trainfleet.enroll",
+    "trainfleet.install",
+    "trainfleet.backup",
+    "trainfleet.tokens",
 ]
 SERVER_SIDE = ["fastapi", "starlette", "uvicorn", "pydantic", "psycopg", "zstandard"]
 NEEDS_SERVER_EXTRA = (

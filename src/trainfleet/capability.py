@@ -83,7 +83,7 @@ class Capability:
         values = {
             "hostname": r.take("hostname", "a non-empty string"),
             "os": r.take("os", "a string", ""),
-            "cpu_count": r.take("cpu_count", "an integer >= 1", 1),
+            "cpu_count": int(r.take("cpu_count", "an integer >= 1", 1)),
             "ram_gib": float(r.take("ram_gib", "a number >= 0", 0.0)),
             "cuda": r.take("cuda", "true or false", False),
             "gpus": _gpus_from(r.take("gpus", "a list of GPU objects", []), errors),
@@ -413,7 +413,7 @@ def _gpu_from(raw: Any, position: int, errors: list[str]) -> Gpu | None:
         errors.append(f"{where}: expected an object, got {_show(raw)}")
         return None
     r = _FieldReader(raw, where, errors)
-    index = r.take("index", "an integer >= 0", position)
+    index = int(r.take("index", "an integer >= 0", position))
     name = r.take("name", "a string", "")
     vram = r.take("vram_gib", "a number >= 0")
     free = r.take("free_vram_gib", "a number >= 0 or null", None)
@@ -431,12 +431,19 @@ def _show(value: Any) -> str:
 
 
 def _is_int(value: Any) -> bool:
+    """An integer, or a float without a fraction: JSON does not tell 4 from 4.0."""
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_size(value: Any) -> bool:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return number and math.isfinite(value) and value >= 0
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value >= 0
+    except OverflowError:  # a JSON integer too large for a float
+        return False
 
 
 #: The check behind each expectation, so an error message states exactly the rule applied.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainfleet import __version__, console
+from trainfleet import __version__, backup, config, console, enroll, install, migrate
 from trainfleet.console import DEFAULT_RECEIVER
 from trainfleet.errors import TrainfleetError
 
@@ -49,8 +49,10 @@ def add_receiver(sub: Any) -> None:
     p.add_argument("--manifest", type=Path, required=True, help="the training manifest (TOML)")
     p.add_argument("--state-dir", type=Path, default=Path("state"),
                    help="queue database, artifact store and logs (default: ./state)")
-    p.add_argument("--db", help="queue database: PATH or sqlite:///PATH "
-                   "(default: STATE_DIR/queue.db)")
+    p.add_argument("--db", help="queue database: PATH, sqlite:///PATH, or postgresql://... "
+                   "to let several receivers share it (default: STATE_DIR/queue.db)")
+    p.add_argument("--store", help="artifact store on storage every receiver sees (NFS, SMB); "
+                   "default: STATE_DIR/models, this receiver's own")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8470,
                    help="port; 0 picks a free one (default: 8470)")
@@ -59,6 +61,9 @@ def add_receiver(sub: Any) -> None:
                    "without one, operator calls are refused")
     p.add_argument("--worker-token-file", type=Path,
                    help="token workers must send (env: TRAINFLEET_WORKER_TOKEN)")
+    p.add_argument("--require-worker-token", action="store_true",
+                   help="refuse worker calls without a shared or per-host token even before "
+                   "any host is enrolled (then a bind beyond loopback needs no shared token)")
     p.add_argument("--stale-after", type=float, default=600.0, metavar="S",
                    help="requeue a job whose worker is silent this long (default: 600)")
     p.add_argument("--sweep-interval", type=float, default=30.0, metavar="S",
@@ -86,12 +91,14 @@ def run_receiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "'trainfleet receiver' needs the server extra: pip install 'trainfleet[server]'"
         ) from exc
     settings = ReceiverSettings(
-        manifest_path=args.manifest, state_dir=args.state_dir, db=args.db, host=args.host,
+        manifest_path=args.manifest, state_dir=args.state_dir, db=args.db, store=args.store,
+        host=args.host,
         port=args.port,
         operator_token=read_token(args.operator_token_file, environ, "TRAINFLEET_OPERATOR_TOKEN"),
         worker_token=read_token(args.worker_token_file, environ, "TRAINFLEET_WORKER_TOKEN"),
         stale_after_s=args.stale_after, sweep_interval_s=args.sweep_interval,
         max_upload_bytes=args.max_upload_bytes, insecure=args.insecure,
+        require_worker_token=args.require_worker_token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
     )
     problem = settings.tls_problem() or settings.bind_problem()
@@ -141,16 +148,21 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def add_worker(sub: Any) -> None:
     p = sub.add_parser("worker", help="run a worker daemon on this host")
-    p.add_argument("--receiver", help=f"receiver URL (env: TRAINFLEET_RECEIVER; "
+    p.add_argument("--receiver", action="append", metavar="URL",
+                   help="receiver URL; repeat it for receivers serving one fleet, tried in "
+                   "order on connection errors (env: TRAINFLEET_RECEIVER, comma-separated; "
                    f"default: {DEFAULT_RECEIVER})")
+    p.add_argument("--config", type=Path, help="worker config file (env: "
+                   "TRAINFLEET_WORKER_CONFIG; default: ~/.config/trainfleet/worker.toml, then "
+                   "/etc/trainfleet/worker.toml); flags and environment override it")
     p.add_argument("--token-file", type=Path, help="worker token (env: TRAINFLEET_WORKER_TOKEN)")
-    p.add_argument("--workdir", type=Path, default=Path("."),
+    p.add_argument("--workdir", type=Path,
                    help="the project checkout where the trainer command runs (default: .)")
     p.add_argument("--state-dir", type=Path,
                    help="spool, job outputs and worker id (default: WORKDIR/.trainfleet)")
     p.add_argument("--worker-id", help="default: HOSTNAME-<8 hex>, kept in the state dir")
     p.add_argument("--allow-jobs", type=_csv, metavar="a,b", help="only these models")
-    p.add_argument("--deny-jobs", type=_csv, default=(), metavar="c", help="never these models")
+    p.add_argument("--deny-jobs", type=_csv, metavar="c", help="never these models")
     p.add_argument("--heartbeat-interval", type=float, default=30.0, metavar="S")
     p.add_argument("--poll-interval", type=float, default=10.0, metavar="S",
                    help="wait between claims when nothing is eligible")
@@ -160,6 +172,9 @@ def add_worker(sub: Any) -> None:
     p.add_argument("--max-jobs", type=int, metavar="N", help="exit after N jobs")
     p.add_argument("--capability-file", type=Path,
                    help="JSON object whose keys replace detected capability fields")
+    p.add_argument("--stop-file", type=Path, help="stop as on SIGTERM when this file appears "
+                   "(for Windows Scheduled Tasks)")
+    p.add_argument("--log-file", type=Path, help="also log to this file (rotated at 10 MB)")
     console.add_tls_client_arguments(p)
     p.set_defaults(handler=run_worker)
 
@@ -168,8 +183,12 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from trainfleet.client import Client
     from trainfleet.worker import Worker, WorkerSettings
 
-    url = args.receiver or environ.get("TRAINFLEET_RECEIVER") or DEFAULT_RECEIVER
-    token = read_token(args.token_file, environ, "TRAINFLEET_WORKER_TOKEN")
+    found = config.fill_worker_args(args, environ)
+    if args.log_file:
+        install.log_to_file(args.log_file)
+    urls = receiver_urls(args.receiver, environ)
+    url = urls[0]
+    token = read_token(args.token_file, environ, "TRAINFLEET_WORKER_TOKEN") or found.token
     workdir = args.workdir.resolve()
     settings = WorkerSettings(
         receiver_url=url, workdir=workdir,
@@ -179,11 +198,21 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         once=args.once, max_jobs=args.max_jobs, capability_file=args.capability_file,
         shutdown_grace_s=args.shutdown_grace,
     )
-    client = Client(url, worker_token=token,
+    client = Client(url, worker_token=token, fallback_urls=urls[1:],
                     ssl_context=console.tls_context_from(args, environ))
     worker = Worker(settings, client)
     worker.install_signal_handlers()
+    if args.stop_file:
+        install.watch_stop_file(args.stop_file, worker.request_stop)
     return worker.run()
+
+
+def receiver_urls(flag: list[str] | str | None, environ: Mapping[str, str]) -> list[str]:
+    """The receivers to use, in order: --receiver (repeatable), else the config file's or
+    TRAINFLEET_RECEIVER (each may be comma-separated), else the default."""
+    given = flag or environ.get("TRAINFLEET_RECEIVER") or DEFAULT_RECEIVER
+    items = [given] if isinstance(given, str) else given
+    return [url.strip() for item in items for url in item.split(",") if url.strip()]
 
 
 # -- capability, manifest, demo ----------------------------------------------
@@ -263,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_receiver, add_worker, add_capability, add_manifest, add_demo):
         add(sub)
     console.add_commands(sub, read_token)
+    enroll.add_commands(sub, read_token)
+    install.add_commands(sub)
+    backup.add_command(sub)
+    migrate.add_commands(sub)
     return parser
 
 

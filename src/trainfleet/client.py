@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import os
 import random
 import ssl
@@ -19,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -32,6 +33,7 @@ from trainfleet.errors import (
     TrainfleetError,
 )
 
+log = logging.getLogger("trainfleet.client")
 T = TypeVar("T")
 Progress = Callable[[int, int], None]  #: called with (bytes sent, total bytes)
 
@@ -58,7 +60,10 @@ def tls_context(
 
 
 class Client:
-    """Talks to one receiver; transient failures are retried with capped exponential backoff.
+    """Talks to a receiver; transient failures are retried with capped exponential backoff.
+
+    With `fallback_urls` (several receivers serving one fleet), a connection error moves the
+    client on to the next URL at once, and it stays there until that one fails in turn.
 
     Errors: a 4xx answer raises `ReceiverError(status, error, detail)` at once. A 409 to a
     call that carries a lease (heartbeat, upload, complete, fail, upload_log) raises
@@ -77,11 +82,10 @@ class Client:
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        fallback_urls: Sequence[str] = (),
     ) -> None:
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise TrainfleetError(f"receiver url: expected http(s)://host[:port], got {base_url!r}")
-        self.base_url = base_url.rstrip("/")
+        self._bases = [_base(url) for url in (base_url, *fallback_urls)]
+        self._current = 0  #: index into _bases of the receiver in use
         self.worker_token = worker_token
         self.operator_token = operator_token
         self.timeout_s = timeout_s
@@ -91,12 +95,20 @@ class Client:
         self.ssl_context = ssl_context
         #: When set (a worker shutting down), backoff waits end and retries stop.
         self.stop_event: threading.Event | None = None
-        self._parts = parts
         # No proxy: the receiver is on the lab's network, and the streamed upload
         # (http.client) could not honour one anyway.
         self._opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ssl_context)
         )
+
+    @property
+    def base_url(self) -> str:
+        """The receiver in use: the first URL, or the one the last connection error moved to."""
+        return self._bases[self._current][0]
+
+    @property
+    def _parts(self) -> urllib.parse.SplitResult:
+        return self._bases[self._current][1]
 
     # --- worker calls -------------------------------------------------------
 
@@ -166,15 +178,15 @@ class Client:
     ) -> dict[str, Any]:
         """Stream a bundle to the store in chunks, never holding it in memory."""
         query = {"job_id": job_id, "lease": lease}
-        target = self._target(f"/v1/model/{_seg(artifact_id)}", query)
+        path_ = f"/v1/model/{_seg(artifact_id)}"
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
 
             def attempt() -> bytes:
                 fh.seek(0)
-                return self._stream_put(target, fh, size, progress)
+                return self._stream_put(self._target(path_, query), fh, size, progress)
 
-            raw = self._retrying("PUT", target, attempt, fenced_job_id=job_id)
+            raw = self._retrying("PUT", path_, attempt, fenced_job_id=job_id)
         answer: dict[str, Any] = json.loads(raw)
         return answer
 
@@ -208,11 +220,11 @@ class Client:
         if dest.is_dir():
             dest = dest / f"{artifact_id}.bundle"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        url = self._url(f"/v1/model/{_seg(artifact_id)}")
+        path = f"/v1/model/{_seg(artifact_id)}"
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w+b") as out:
-                digest = self._retrying("GET", url, lambda: self._stream_get(url, out))
+                digest = self._retrying("GET", path, lambda: self._stream_get(self._url(path), out))
             if digest != artifact_id:
                 raise DigestMismatch(artifact_id, digest)
             os.replace(tmp_name, dest)
@@ -339,37 +351,59 @@ class Client:
         retries: int | None = None,
     ) -> bytes:
         """One urllib request, retried as the client's policy says; the answer's body."""
-        url = self._url(path, query)
         all_headers = self._headers(operator) | (headers or {})
 
         def attempt() -> bytes:
-            request = urllib.request.Request(url, data=data, headers=all_headers, method=method)
+            request = urllib.request.Request(self._url(path, query), data=data,
+                                             headers=all_headers, method=method)
             with self._opener.open(request, timeout=self.timeout_s) as response:
                 body: bytes = response.read()
                 return body
 
-        return self._retrying(method, url, attempt, fenced_job_id, retries)
+        return self._retrying(method, path, attempt, fenced_job_id, retries)
 
     def _retrying(
         self,
         method: str,
-        url: str,
+        path: str,
         attempt: Callable[[], T],
         fenced_job_id: str | None = None,
         retries: int | None = None,
     ) -> T:
-        """Run `attempt`, retrying while the failure is transient (ReceiverUnreachable)."""
+        """Run `attempt`, retrying while the failure is transient (ReceiverUnreachable).
+
+        A connection error moves on to the next receiver, tried at once; the backoff waits
+        only once every receiver has failed in a row.
+        """
         retries = self.retries if retries is None else retries
-        for n in range(retries + 1):
+        n = 0  # backoff rounds so far
+        untried = len(self._bases) - 1
+        while True:
             try:
                 return attempt()
             except (OSError, http.client.HTTPException) as exc:
-                error = _translate(exc, f"{method} {url}", fenced_job_id)
-                if not isinstance(error, ReceiverUnreachable) or n == retries:
+                error = _translate(exc, f"{method} {self.base_url}{path}", fenced_job_id)
+                if not isinstance(error, ReceiverUnreachable):
                     raise error from exc
+                if self._fail_over(exc) and untried > 0:
+                    untried -= 1
+                    continue  # the next receiver, at once
+                if n == retries:
+                    raise error from exc
+                untried = len(self._bases) - 1
                 if self._pause(self._backoff(n)):
                     raise error from exc  # the caller is shutting down: stop retrying
-        raise AssertionError("unreachable")
+                n += 1
+
+    def _fail_over(self, exc: OSError | http.client.HTTPException) -> bool:
+        """After a connection error, use the next receiver; False when there is no other."""
+        if len(self._bases) < 2 or isinstance(exc, urllib.error.HTTPError):
+            return False  # an answer, even a 5xx, means the receiver is there
+        failed = self.base_url
+        self._current = (self._current + 1) % len(self._bases)
+        log.warning("%s: cannot connect (%s); trying %s", failed,
+                    getattr(exc, "reason", None) or exc, self.base_url)
+        return True
 
     def _pause(self, delay_s: float) -> bool:
         """Wait out a backoff; True if the stop event cut it short."""
@@ -499,6 +533,14 @@ def _write_local(out: BinaryIO, chunk: bytes) -> None:
 def _http_error(url: str, status: int, reason: str, body: bytes) -> urllib.error.HTTPError:
     """An http.client error answer dressed as urllib's, so `_translate` sees one kind."""
     return urllib.error.HTTPError(url, status, reason, http.client.HTTPMessage(), io.BytesIO(body))
+
+
+def _base(url: str) -> tuple[str, urllib.parse.SplitResult]:
+    """A receiver URL without its trailing slash, and its parts; checked."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TrainfleetError(f"receiver url: expected http(s)://host[:port], got {url!r}")
+    return url.rstrip("/"), parts
 
 
 def _seg(value: str) -> str:

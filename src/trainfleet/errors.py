@@ -6,6 +6,8 @@ TrainfleetError
  |    +-- DigestMismatch      (400) uploaded bytes do not hash to the artifact id
  +-- Unauthorized             (401) a token is missing or wrong
  +-- Forbidden                (403) operator calls on a receiver without an operator token
+ |    +-- EnrollmentRefused  an enrollment code is unknown, used, expired or for another host
+ |    +-- WrongHost          a per-host worker token used for another host's claim or job
  +-- NotFound                 (404)
  |    +-- JobNotFound
  |    +-- ArtifactNotFound
@@ -13,7 +15,11 @@ TrainfleetError
  |    +-- LeaseLost           the lease is not the job's current one: stop that job
  |    +-- AmbiguousJobId      a prefix matches several jobs
  |    +-- IllegalTransition   e.g. requeue of a completed job
+ +-- RequestTimeout           (408) an upload went silent
  +-- PayloadTooLarge          (413)
+ +-- ServiceBusy              (503) too many uploads at once; retry after a pause
+ +-- DatabaseUnavailable      (503) the queue's database server cannot be reached; retry
+ +-- InsufficientStorage      (507) the store's disk is full (or a file size limit was hit)
  +-- ReceiverUnreachable      (client side) connection failed after retries
  +-- ReceiverError            (client side) the receiver answered with an error status
 
@@ -29,6 +35,7 @@ class TrainfleetError(Exception):
     """Base class; `status` is the HTTP status the receiver answers with."""
 
     status = 500
+    headers: dict[str, str] = {}  #: extra response headers, e.g. Retry-After
 
     def __init__(self, message: str, detail: Any = None) -> None:
         super().__init__(message)
@@ -64,12 +71,28 @@ class DigestMismatch(BadRequest):
 class Unauthorized(TrainfleetError):
     status = 401
 
-    def __init__(self, header: str) -> None:
-        super().__init__(f"{header}: missing or wrong token", detail={"header": header})
+    def __init__(self, header: str, reason: str = "missing or wrong token") -> None:
+        super().__init__(f"{header}: {reason}", detail={"header": header})
 
 
 class Forbidden(TrainfleetError):
     status = 403
+
+
+class EnrollmentRefused(Forbidden):
+    """`reason` (unknown, used, expired, revoked, hostname) says which rule refused the code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"enrollment refused: {message}", detail={"reason": reason})
+        self.reason = reason
+
+
+class WrongHost(Forbidden):
+    def __init__(self, token_host: str, other_host: str, what: str = "touch job of host") -> None:
+        super().__init__(
+            f"worker for host {token_host!r} cannot {what} {other_host!r}",
+            detail={"token_host": token_host, "host": other_host},
+        )
 
 
 class NotFound(TrainfleetError):
@@ -121,6 +144,35 @@ class PayloadTooLarge(TrainfleetError):
             f"body: larger than the limit of {limit_bytes} bytes",
             detail={"max_bytes": limit_bytes},
         )
+
+
+class DatabaseUnavailable(TrainfleetError):
+    status = 503
+
+
+class InsufficientStorage(TrainfleetError):
+    """The store could not write an upload for lack of space; nothing was kept, retry later."""
+
+    status = 507
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(
+            f"{what}: insufficient storage ({reason}); nothing was kept, retry once space "
+            "is freed", detail={"reason": reason},
+        )
+
+
+class RequestTimeout(TrainfleetError):
+    """The client stopped sending the body it announced (a slow or stuck upload)."""
+
+    status = 408
+
+
+class ServiceBusy(TrainfleetError):
+    """Too much of something at once (uploads); the client should retry after a pause."""
+
+    status = 503
+    headers = {"Retry-After": "5"}
 
 
 class ReceiverUnreachable(TrainfleetError):

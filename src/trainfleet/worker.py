@@ -349,6 +349,10 @@ class Worker:
         except LeaseLost:
             return _Outcome.FENCED
         except TrainfleetError as exc:
+            if isinstance(exc, ReceiverError) and exc.status in (401, 403):
+                # The host's token was revoked (its job is already requeued): stop training.
+                log.error("job %s: the receiver refused this worker: %s", att.short, exc)
+                return _Outcome.FENCED
             # The stale sweep allows minutes; an outage alone must not waste the training.
             log.warning("job %s: heartbeat failed, training on: %s", att.short, exc)
             return None

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Protocol
 
 from trainfleet.capability import Capability
+from trainfleet.errors import EnrollmentRefused
 from trainfleet.manifest import Manifest
 from trainfleet.matching import Policy
+from trainfleet.tokens import TokenKind, token_id
 
 
 class Status(StrEnum):
@@ -69,9 +72,12 @@ class Job:
     heartbeat_at: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # A shallow copy: asdict's recursive deep copy was a tenth of a claim's cost.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["status"] = self.status.value
         data["hyper"] = dict(self.hyper)
+        data["progress"] = None if self.progress is None else dict(self.progress)
+        data["metrics"] = None if self.metrics is None else dict(self.metrics)
         data["train_hosts"] = list(self.train_hosts)
         data["allowed_hosts"] = list(self.allowed_hosts)
         return data
@@ -82,6 +88,9 @@ class Claim:
     job: Job
     lease: str
     attempt: int
+    #: The trainer command as the database knows it (so every receiver hands out the latest
+    #: reload's); empty when the backend leaves it to the receiver's own manifest.
+    command: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,67 @@ class WorkerInfo:
         }
 
 
+@dataclass(frozen=True)
+class TokenInfo:
+    """A stored token or enrollment code; the token itself is never stored, only its hash."""
+
+    token_hash: str  #: sha256 hex of the token
+    hostname: str  #: the host it is bound to
+    kind: TokenKind
+    created_at: float
+    expires_at: float | None  #: None: never expires
+    used_at: float | None  #: when an enrollment code was redeemed
+    last_used_at: float | None  #: a worker token's latest use (updated about once a minute)
+    revoked_at: float | None
+
+    def active(self, now: float) -> bool:
+        """Usable now: not revoked, not expired, and (a code) not yet redeemed."""
+        return (
+            self.revoked_at is None
+            and (self.expires_at is None or self.expires_at > now)
+            and (self.kind is TokenKind.WORKER or self.used_at is None)
+        )
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        """The public view: a short id instead of the hash, and whether it is active."""
+        data = asdict(self)
+        del data["token_hash"]
+        return {"token_id": token_id(self.token_hash), **data, "kind": self.kind.value,
+                "active": self.active(now)}
+
+
+def check_enroll_code(code: TokenInfo | None, hostname: str, now: float) -> None:
+    """Raise EnrollmentRefused naming the first rule the code breaks; every backend uses it."""
+    if code is None or code.kind is not TokenKind.ENROLL:
+        raise EnrollmentRefused(
+            "unknown", "the code is not known to this receiver (mistyped, or made by another)")
+    again = f"create a new one with `trainfleet token create {code.hostname} --enroll`"
+    if code.revoked_at is not None:
+        raise EnrollmentRefused("revoked", f"the code for host {code.hostname!r} was revoked "
+                                f"at {_utc(code.revoked_at)}; {again}")
+    if code.used_at is not None:
+        raise EnrollmentRefused("used", f"the code was already used at {_utc(code.used_at)}; "
+                                f"a code works once: {again}")
+    if code.expires_at is not None and code.expires_at <= now:
+        raise EnrollmentRefused("expired", f"the code expired at {_utc(code.expires_at)}; "
+                                f"{again}")
+    if code.hostname != hostname:
+        raise EnrollmentRefused(
+            "hostname", f"the code is for host {code.hostname!r}, not {hostname!r} "
+            "(enrol from that host, or pass --hostname if it claims under another name)")
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    hostname: str
+    revoked: int  #: tokens and codes of the host made unusable
+    requeued: tuple[str, ...]  #: its live jobs, swept at once like a lost worker's
+
+
 class JobQueue(Protocol):
     """A durable job queue; every method is one atomic transaction.
 
@@ -149,7 +219,11 @@ class JobQueue(Protocol):
     """
 
     backend: str
+    #: True when calls made without `now` are timed by the database server's clock (shared by
+    #: several receivers); a receiver then leaves `now` out, and reads the time from clock().
+    database_clock: bool
 
+    def clock(self) -> float: ...
     def sync_manifest(self, manifest: Manifest, now: float | None = None) -> SyncResult: ...
     def claim_next(
         self,
@@ -200,4 +274,29 @@ class JobQueue(Protocol):
     def attempts(self, job_id: str) -> list[Attempt]: ...
     def workers(self, now: float | None = None) -> list[WorkerInfo]: ...
     def counts(self) -> dict[str, int]: ...
+    # -- per-host tokens: only sha256 hashes are stored -------------------
+    # lookup_token answers only active ones (TokenInfo.active). redeem_enroll_code is one
+    # transaction: the code must be known, of kind enroll, unrevoked, unused, unexpired and
+    # bound to `hostname` (else EnrollmentRefused naming the rule, and nothing changes); it is
+    # marked used and a worker token for the host is stored. revoke_host revokes every token
+    # and unused code of the host (NotFound when none is active) and sweeps its live jobs as the
+    # stale sweep does, with "revoked" in their error.
+    # has_worker_tokens: whether any worker token was ever issued (revoked and expired ones
+    # count), so a receiver that has enrolled hosts never falls back to open worker calls.
+    def create_token(
+        self,
+        hostname: str,
+        kind: TokenKind,
+        token_hash: str,
+        expires_at: float | None = None,
+        now: float | None = None,
+    ) -> TokenInfo: ...
+    def lookup_token(self, token_hash: str, now: float | None = None) -> TokenInfo | None: ...
+    def touch_token(self, token_hash: str, now: float | None = None) -> None: ...
+    def has_worker_tokens(self) -> bool: ...
+    def redeem_enroll_code(
+        self, code_hash: str, hostname: str, new_token_hash: str, now: float | None = None
+    ) -> TokenInfo: ...
+    def list_tokens(self) -> list[TokenInfo]: ...
+    def revoke_host(self, hostname: str, now: float | None = None) -> RevokeResult: ...
     def close(self) -> None: ...

@@ -25,6 +25,7 @@ from trainfleet.errors import (
     IllegalTransition,
     JobNotFound,
     LeaseLost,
+    NotFound,
     TrainfleetError,
 )
 from trainfleet.manifest import HostSpec, JobSpec, Manifest
@@ -35,10 +36,14 @@ from trainfleet.queue.base import (
     Event,
     FailureKind,
     Job,
+    RevokeResult,
     Status,
     SyncResult,
+    TokenInfo,
     WorkerInfo,
+    check_enroll_code,
 )
+from trainfleet.tokens import TokenKind
 
 SCHEMA_VERSION = 1
 HEX = set("0123456789abcdef")
@@ -105,9 +110,28 @@ UPDATE jobs SET manifest_index = :manifest_index, orphaned = 0
 WHERE job_id = :job_id AND (manifest_index != :manifest_index OR orphaned != 0)
 """
 
+INSERT_TOKEN = """
+INSERT INTO tokens (token_hash, hostname, kind, created_at, expires_at)
+VALUES (:token_hash, :hostname, :kind, :now, :expires_at)
+"""
+ANY_WORKER_TOKEN = "SELECT EXISTS (SELECT 1 FROM tokens WHERE kind = 'worker')"
+REVOKE_HOST_TOKENS = """
+UPDATE tokens SET revoked_at = :now
+WHERE hostname = :hostname AND revoked_at IS NULL AND (kind = 'worker' OR used_at IS NULL)
+"""
+HOST_LIVE_JOBS = """
+SELECT * FROM jobs WHERE status IN ('claimed', 'running') AND hostname = :hostname
+"""
+
 STALE_JOBS = """
 SELECT job_id FROM jobs
 WHERE status IN ('claimed', 'running') AND max(heartbeat_at, :since) < :cutoff
+"""
+
+# Waiting jobs whose budget a reload lowered below what they already used.
+SPENT_PENDING_JOBS = """
+SELECT * FROM jobs
+WHERE status = 'pending' AND (attempts_charged >= max_attempts OR lost_count >= max_lost)
 """
 
 # Fields whose change on reload counts as "updated" (while the job is pending).
@@ -147,6 +171,14 @@ def _spec_row(spec: JobSpec) -> dict[str, Any]:
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+def _token(row: sqlite3.Row) -> TokenInfo:
+    return TokenInfo(
+        token_hash=row["token_hash"], hostname=row["hostname"], kind=TokenKind(row["kind"]),
+        created_at=row["created_at"], expires_at=row["expires_at"], used_at=row["used_at"],
+        last_used_at=row["last_used_at"], revoked_at=row["revoked_at"],
+    )
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -192,6 +224,7 @@ class SqliteQueue:
     """JobQueue on one SQLite file. Thread-safe: one connection behind a lock."""
 
     backend = "sqlite"
+    database_clock = False
 
     def __init__(
         self, path: str | Path, *, stale_after_s: float = 600.0, synchronous: str = "FULL"
@@ -210,6 +243,10 @@ class SqliteQueue:
         self._hosts: dict[str, HostSpec] = self._load_hosts()
 
     # -- plumbing ---------------------------------------------------------
+
+    def clock(self) -> float:
+        """This process's clock: SQLite has none of its own."""
+        return time.time()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -316,6 +353,17 @@ class SqliteQueue:
                     note=f"worker came back after attempt {last['attempt']} was swept")
         return True
 
+    def _fail_spent(self, db: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
+        """Fail a waiting job whose lowered budget it has already used: claiming it again
+        would run an attempt past max_attempts (or max_lost)."""
+        error = (f"out of attempts: the manifest lowered the budget to max_attempts "
+                 f"{row['max_attempts']} and max_lost {row['max_lost']}; the job had "
+                 f"{row['attempts_charged']} charged and {row['lost_count']} lost")
+        db.execute("UPDATE jobs SET status = 'failed', error = ?, updated_at = ? "
+                   "WHERE job_id = ?", (error, now, row["job_id"]))
+        self._event(db, row["job_id"], "failed", now, row["attempts"], outcome="budget",
+                    error=error, retry=False)
+
     def _end_attempt(
         self, db: sqlite3.Connection, row: sqlite3.Row, outcome: str, error: str | None,
         now: float,
@@ -369,6 +417,8 @@ class SqliteQueue:
             db.executemany(INSERT_JOB, inserts)
             db.executemany(UPDATE_PLACE, place_updates)
             db.executemany(UPDATE_PENDING_JOB, pending_updates)
+            for spent in db.execute(SPENT_PENDING_JOBS).fetchall():
+                self._fail_spent(db, spent, now)
             db.executemany(
                 "INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, 'added', '{}')",
                 [(r["job_id"], now) for r in inserts],
@@ -572,14 +622,17 @@ class SqliteQueue:
         with self._write() as db:
             params = {"since": since, "cutoff": now - self.stale_after_s}
             for stale in db.execute(STALE_JOBS, params).fetchall():
-                row = self._row(db, stale["job_id"])
-                lost = row["lost_count"] + 1
-                retry = lost < row["max_lost"] and row["attempts_charged"] < row["max_attempts"]
-                error = f"lost worker {row['worker_id']}"
-                self._finish(db, row, retry, FailureKind.LOST_WORKER.value, error,
-                             row["attempts_charged"], lost, now)
-                swept.append(row["job_id"])
+                swept.append(self._lose(db, self._row(db, stale["job_id"]), now))
         return swept
+
+    def _lose(self, db: sqlite3.Connection, row: sqlite3.Row, now: float, why: str = "") -> str:
+        """Requeue (or fail, out of budget) a live job whose worker is gone; its id."""
+        lost = row["lost_count"] + 1
+        retry = lost < row["max_lost"] and row["attempts_charged"] < row["max_attempts"]
+        error = f"lost worker {row['worker_id']}{why}"
+        self._finish(db, row, retry, FailureKind.LOST_WORKER.value, error,
+                     row["attempts_charged"], lost, now)
+        return str(row["job_id"])
 
     def attempt_lease_matches(self, job_id: str, attempt: int, lease: str) -> bool:
         """Whether `lease` was handed out for that attempt (logs arrive after the attempt ends)."""
@@ -727,6 +780,87 @@ class SqliteQueue:
             rows = self._db.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
             found = {r["status"]: r["n"] for r in rows}
         return {s.value: found.get(s.value, 0) for s in Status}
+
+    # -- per-host tokens --------------------------------------------------
+
+    def create_token(
+        self,
+        hostname: str,
+        kind: TokenKind,
+        token_hash: str,
+        expires_at: float | None = None,
+        now: float | None = None,
+    ) -> TokenInfo:
+        """Store a new token's hash, bound to `hostname`."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            return self._insert_token(db, hostname, kind, token_hash, expires_at, now)
+
+    def _insert_token(
+        self, db: sqlite3.Connection, hostname: str, kind: TokenKind, token_hash: str,
+        expires_at: float | None, now: float,
+    ) -> TokenInfo:
+        db.execute(INSERT_TOKEN, {"token_hash": token_hash, "hostname": hostname,
+                                  "kind": kind.value, "now": now, "expires_at": expires_at})
+        row = db.execute("SELECT * FROM tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        return _token(row)
+
+    def lookup_token(self, token_hash: str, now: float | None = None) -> TokenInfo | None:
+        """The token stored under this hash, if it is active now; None otherwise."""
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+        info = None if row is None else _token(row)
+        return info if info is not None and info.active(now) else None
+
+    def touch_token(self, token_hash: str, now: float | None = None) -> None:
+        """Record a use of the token (one statement; callers throttle it)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._db.execute(
+                "UPDATE tokens SET last_used_at = ? WHERE token_hash = ?", (now, token_hash)
+            )
+
+    def has_worker_tokens(self) -> bool:
+        """Whether a per-host worker token was ever issued (then worker calls need a token)."""
+        with self._lock:
+            return bool(self._db.execute(ANY_WORKER_TOKEN).fetchone()[0])
+
+    def redeem_enroll_code(
+        self, code_hash: str, hostname: str, new_token_hash: str, now: float | None = None
+    ) -> TokenInfo:
+        """Exchange a one-time code for a worker token of its host, in one transaction."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = db.execute("SELECT * FROM tokens WHERE token_hash = ?", (code_hash,)).fetchone()
+            check_enroll_code(None if row is None else _token(row), hostname, now)
+            db.execute("UPDATE tokens SET used_at = ? WHERE token_hash = ?", (now, code_hash))
+            return self._insert_token(db, hostname, TokenKind.WORKER, new_token_hash, None, now)
+
+    def list_tokens(self) -> list[TokenInfo]:
+        """Every token and code ever made, revoked ones included, by host then age."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM tokens ORDER BY hostname, created_at, token_hash"
+            ).fetchall()
+        return [_token(row) for row in rows]
+
+    def revoke_host(self, hostname: str, now: float | None = None) -> RevokeResult:
+        """Revoke the host's tokens and codes and sweep its live jobs at once."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            rows = db.execute("SELECT * FROM tokens WHERE hostname = ?", (hostname,)).fetchall()
+            active = [info for info in map(_token, rows) if info.active(now)]
+            if not active:
+                raise NotFound(f"host {hostname!r} has no active token or enrollment code",
+                               detail={"hostname": hostname})
+            db.execute(REVOKE_HOST_TOKENS, {"now": now, "hostname": hostname})
+            live = db.execute(HOST_LIVE_JOBS, {"hostname": hostname}).fetchall()
+            why = f": host {hostname} revoked"
+            requeued = tuple(self._lose(db, row, now, why) for row in live)
+        return RevokeResult(hostname, len(active), requeued)
 
     def close(self) -> None:
         with self._lock:

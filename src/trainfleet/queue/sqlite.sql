@@ -90,3 +90,16 @@ CREATE TABLE IF NOT EXISTS workers (
     first_seen    REAL NOT NULL,
     last_seen     REAL NOT NULL
 );
+
+-- Per-host worker tokens and one-time enrollment codes. Only sha256 hashes are stored.
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash   TEXT PRIMARY KEY,             -- sha256 hex of the token
+    hostname     TEXT NOT NULL,
+    kind         TEXT NOT NULL CHECK (kind IN ('worker', 'enroll')),
+    created_at   REAL NOT NULL,
+    expires_at   REAL,                         -- NULL: never
+    used_at      REAL,                         -- an enrollment code's redemption
+    last_used_at REAL,
+    revoked_at   REAL
+);
+CREATE INDEX IF NOT EXISTS tokens_host ON tokens (hostname);

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from trainfleet import __version__
 from trainfleet.errors import LeaseLost, PayloadTooLarge, TrainfleetError
-from trainfleet.receiver import dashboard, metrics
+from trainfleet.receiver import dashboard, enrollment, metrics
 from trainfleet.receiver.routes import router
 from trainfleet.receiver.settings import ReceiverSettings
 from trainfleet.receiver.state import ReceiverState
@@ -67,6 +67,7 @@ def create_app(
     app.state.receiver = state
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(enrollment.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
     app.add_middleware(BodyLimit, settings=settings)
@@ -93,7 +94,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def trainfleet_error(request: Request, exc: TrainfleetError) -> JSONResponse:
         if isinstance(exc, LeaseLost):
             request.app.state.receiver.metrics.fenced.inc()
-        return _error(exc.status, exc.message, exc.detail)
+        return _error(exc.status, exc.message, exc.detail, **exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

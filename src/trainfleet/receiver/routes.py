@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,11 +25,15 @@ from trainfleet.errors import (
     LeaseLost,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
+    ServiceBusy,
     Unauthorized,
+    WrongHost,
 )
 from trainfleet.queue.base import FailureKind, Job
 from trainfleet.receiver import schemas as s
 from trainfleet.receiver.state import ReceiverState
+from trainfleet.tokens import TokenKind, hash_token
 
 router = APIRouter()
 
@@ -39,12 +45,15 @@ operator_header = APIKeyHeader(name="X-Operator-Token", scheme_name="OperatorTok
 JobRef = Annotated[str, PathParam(min_length=1, max_length=200,
                                   description="job name, id, or unique id prefix (8+ hex)")]
 ArtifactId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$", description="sha256 hex")]
+TOUCH_EVERY_S = 60.0  #: how often a per-host token's last use is written down
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": s.ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422)
 }
 
 
-def receiver(request: Request) -> ReceiverState:
+# Dependencies are `async def` although they never await: FastAPI runs a plain `def` one in
+# the thread pool, and those hops cost more than the whole claim statement.
+async def receiver(request: Request) -> ReceiverState:
     state: ReceiverState = request.app.state.receiver
     return state
 
@@ -59,13 +68,77 @@ def _token_matches(given: str | None, expected: str) -> bool:
     return hmac.compare_digest(given.encode("latin-1", "replace"), expected.encode())
 
 
-def worker_auth(state: State, token: Annotated[str | None, Depends(worker_header)]) -> None:
+def _refuse_repeated(request: Request, header: str) -> None:
+    # Only the first copy would be checked, while a proxy or a log may see another: refuse.
+    if len(request.headers.getlist(header)) > 1:
+        raise Unauthorized(header, "sent more than once")
+
+
+async def worker_auth(
+    request: Request, state: State, token: Annotated[str | None, Depends(worker_header)]
+) -> str | None:
+    """The host a per-host token binds its caller to; None for the shared token or when open.
+
+    Worker calls are open only on a receiver with no shared token (nor
+    --require-worker-token) that has never issued a per-host one; revoking every host
+    therefore never reopens it.
+    """
+    _refuse_repeated(request, "X-Worker-Token")
     expected = state.settings.worker_token
-    if expected and not _token_matches(token, expected):
-        raise Unauthorized("X-Worker-Token")
+    if expected and _token_matches(token, expected):
+        return None
+    now = state.now()
+    if token is not None:
+        info = state.queue.lookup_token(hash_token(token), state.queue_now())
+        if info is not None and info.kind is TokenKind.WORKER:
+            if info.last_used_at is None or now - info.last_used_at >= TOUCH_EVERY_S:
+                state.queue.touch_token(info.token_hash, state.queue_now())
+            return info.hostname
+    if expected or not state.settings.open_to_workers or state.queue.has_worker_tokens():
+        raise Unauthorized("X-Worker-Token", _refusal(state, token))
+    return None
 
 
-def operator_auth(state: State, token: Annotated[str | None, Depends(operator_header)]) -> None:
+def _refusal(state: ReceiverState, token: str | None) -> str:
+    """Why a worker token was refused, so a revoked or misused one says so."""
+    if token is None:
+        return "missing token"
+    token_hash = hash_token(token)
+    for info in state.queue.list_tokens():  # the failure path only: a small table
+        if info.token_hash != token_hash:
+            continue
+        if info.kind is TokenKind.ENROLL:
+            return "that is an enrollment code: exchange it with `trainfleet enroll` first"
+        if info.revoked_at is not None:
+            return (f"the token of host {info.hostname!r} was revoked; "
+                    "enrol the host again to get a new one")
+        return f"the token of host {info.hostname!r} has expired"
+    return "wrong token"
+
+
+Bound = Annotated[str | None, Depends(worker_auth)]
+
+
+async def worker_job_auth(request: Request, state: State, host: Bound) -> None:
+    """A per-host token may touch only jobs its host holds (a log: the attempt's host)."""
+    ref = request.path_params.get("job_ref") or request.query_params.get("job_id")
+    if host is None or not ref:
+        return
+    job_id = state.queue.resolve(ref)
+    attempt = request.query_params.get("attempt", "")
+    if attempt.isdigit():
+        holder = next((a.hostname for a in state.queue.attempts(job_id)
+                       if a.attempt == int(attempt)), None)
+    else:
+        holder = state.queue.get(job_id).hostname
+    if holder != host:
+        raise WrongHost(host, holder or "(none)")
+
+
+async def operator_auth(
+    request: Request, state: State, token: Annotated[str | None, Depends(operator_header)]
+) -> None:
+    _refuse_repeated(request, "X-Operator-Token")
     expected = state.settings.operator_token
     if not expected:
         raise Forbidden(
@@ -77,6 +150,7 @@ def operator_auth(state: State, token: Annotated[str | None, Depends(operator_he
 
 
 WorkerAuth = [Depends(worker_auth)]
+WorkerJobAuth = [Depends(worker_job_auth)]
 OperatorAuth = [Depends(operator_auth)]
 
 
@@ -89,13 +163,15 @@ def _job_out(job: Job) -> s.JobOut:
 
 @router.post("/v1/job/claim", dependencies=WorkerAuth, responses={204: {"description":
              "nothing eligible now"}, **ERRORS}, response_model=s.ClaimOut)
-async def claim(body: s.ClaimRequest, state: State) -> Any:
+async def claim(body: s.ClaimRequest, state: State, host: Bound) -> Any:
     """Hand the best eligible pending job to this worker slot."""
     capability = Capability.from_dict(body.capability)
+    if host is not None and capability.hostname != host:
+        raise WrongHost(host, capability.hostname, "claim as host")
     allow = tuple(body.allow_jobs) if body.allow_jobs is not None else None
     claimed = state.queue.claim_next(
         body.worker_id, capability, body.slot_vram_gib, allow, tuple(body.deny_jobs),
-        now=state.now(),
+        now=state.queue_now(),
     )
     if claimed is None:
         state.metrics.empty_claims.inc()
@@ -105,45 +181,48 @@ async def claim(body: s.ClaimRequest, state: State) -> Any:
         job=_job_out(claimed.job),
         lease=claimed.lease,
         attempt=claimed.attempt,
-        command=list(state.manifest.trainer.command),
+        command=list(claimed.command or state.manifest.trainer.command),
         timeout_s=claimed.job.timeout_s,
         heartbeat_interval_s=state.heartbeat_interval_s,
     )
 
 
-@router.post("/v1/job/{job_ref}/heartbeat", dependencies=WorkerAuth, responses=ERRORS)
+@router.post("/v1/job/{job_ref}/heartbeat", dependencies=WorkerJobAuth, responses=ERRORS)
 async def heartbeat(job_ref: JobRef, body: s.HeartbeatRequest, state: State) -> s.HeartbeatOut:
     """Liveness and progress; the answer says whether to go on or cancel."""
     job_id = state.queue.resolve(job_ref)
     progress = body.progress.model_dump(exclude_none=True) if body.progress else None
-    action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail, state.now())
+    action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail,
+                                   state.queue_now())
     state.metrics.heartbeats.inc()
     return s.HeartbeatOut(action=action)  # type: ignore[arg-type]
 
 
-@router.post("/v1/job/{job_ref}/complete", dependencies=WorkerAuth, responses=ERRORS)
+@router.post("/v1/job/{job_ref}/complete", dependencies=WorkerJobAuth, responses=ERRORS)
 async def complete(job_ref: JobRef, body: s.CompleteRequest, state: State) -> s.JobOut:
     """Accept the job's artifact, which must already be in the store."""
     job_id = state.queue.resolve(job_ref)
     if not state.store.has(body.artifact_id):
         raise BadRequest(f"artifact_id: {body.artifact_id} is not in the store; upload it first")
-    job = state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics, state.now())
+    job = state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics,
+                               state.queue_now())
     state.metrics.completions.inc()
     return _job_out(job)
 
 
-@router.post("/v1/job/{job_ref}/fail", dependencies=WorkerAuth, responses=ERRORS)
+@router.post("/v1/job/{job_ref}/fail", dependencies=WorkerJobAuth, responses=ERRORS)
 async def fail(job_ref: JobRef, body: s.FailRequest, state: State) -> s.JobOut:
     """End the attempt; the job is retried while attempts remain."""
     job_id = state.queue.resolve(job_ref)
     job = state.queue.fail(job_id, body.lease, body.error, body.retryable, FailureKind(body.kind),
-                           state.now())
+                           state.queue_now())
     state.metrics.failures.labels(body.kind).inc()
     return _job_out(job)
 
 
-@router.put("/v1/model/{artifact_id}", dependencies=WorkerAuth, status_code=201,
-            responses={200: {"model": s.ArtifactOut, "description": "already stored"}, **ERRORS})
+@router.put("/v1/model/{artifact_id}", dependencies=WorkerJobAuth, status_code=201,
+            responses={200: {"model": s.ArtifactOut, "description": "already stored"}, **ERRORS,
+                       507: {"model": s.ErrorOut, "description": "the store's disk is full"}})
 async def put_model(
     artifact_id: ArtifactId,
     request: Request,
@@ -153,19 +232,23 @@ async def put_model(
     response: Response,
 ) -> s.ArtifactOut:
     """Stream a bundle into the store; its sha256 is checked before it becomes visible."""
-    job = state.queue.check_lease(state.queue.resolve(job_id), lease, state.now())
+    job = state.queue.check_lease(state.queue.resolve(job_id), lease, state.queue_now())
     if state.store.has(artifact_id):
         async for _ in request.stream():  # drain, so the client sees a clean answer
             pass
         response.status_code = 200
         return s.ArtifactOut(artifact_id=artifact_id, size=_size(state, artifact_id), new=False)
-    with state.store.begin_upload(artifact_id, state.settings.max_upload_bytes) as upload:
-        async for chunk in request.stream():
-            upload.write(chunk)
-        new = await run_in_threadpool(
-            upload.commit, job_id=job.job_id, model=job.model, mode=job.mode,
-            host=job.hostname or "",
-        )
+    if state.uploads.locked():
+        raise ServiceBusy(f"uploads: {state.settings.max_concurrent_uploads} already running; "
+                          "retry later")
+    async with state.uploads:
+        with state.store.begin_upload(artifact_id, state.settings.max_upload_bytes) as upload:
+            async for chunk in _until_idle(request, state.settings.upload_idle_timeout_s):
+                upload.write(chunk)
+            new = await run_in_threadpool(
+                upload.commit, job_id=job.job_id, model=job.model, mode=job.mode,
+                host=job.hostname or "",
+            )
     response.status_code = 201 if new else 200
     size = _size(state, artifact_id)
     if new:
@@ -173,11 +256,25 @@ async def put_model(
     return s.ArtifactOut(artifact_id=artifact_id, size=size, new=new)
 
 
+async def _until_idle(request: Request, idle_s: float) -> AsyncIterator[bytes]:
+    """The request body's chunks; 408 when none arrives for `idle_s` (a stuck client)."""
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise RequestTimeout(f"body: nothing received for {idle_s:g} s") from exc
+        yield chunk
+
+
 def _size(state: ReceiverState, artifact_id: str) -> int:
     return int(state.store.entry(artifact_id)["size"])
 
 
-@router.put("/v1/job/{job_ref}/log", dependencies=WorkerAuth, responses=ERRORS)
+@router.put("/v1/job/{job_ref}/log", dependencies=WorkerJobAuth, responses=ERRORS)
 async def put_log(
     job_ref: JobRef,
     request: Request,
@@ -212,7 +309,10 @@ def _write_log(path: Path, body: bytes) -> None:
 # -- reads -------------------------------------------------------------------
 
 
-@router.get("/v1/jobs/{job_ref}/log", response_class=PlainTextResponse, responses=ERRORS)
+# response_class=Response: a text/plain class would make /openapi.json say errors are text too.
+@router.get("/v1/jobs/{job_ref}/log", response_class=Response, responses={
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "the log"},
+    **ERRORS})
 async def get_log(
     job_ref: JobRef, state: State,
     attempt: Annotated[int | None, Query(ge=1, le=100_000)] = None,
@@ -257,7 +357,8 @@ async def list_models(state: State, model: str | None = None) -> s.ModelsOut:
 
 @router.get("/v1/jobs", responses=ERRORS)
 async def list_jobs(
-    state: State, status: str | None = None, model: str | None = None, host: str | None = None
+    state: State, status: Annotated[str | None, Query(json_schema_extra=s.STATUS_ENUM)] = None,
+    model: str | None = None, host: str | None = None,
 ) -> s.JobsOut:
     """Jobs in manifest order, optionally filtered."""
     return s.JobsOut(jobs=[_job_out(j) for j in state.queue.list_jobs(status, model, host)])

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trainfleet.queue.base import Status
+
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
 Lease = Field(min_length=1, max_length=128)
 
@@ -18,9 +20,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What Capability.from_dict accepts (it validates, naming every bad field): documented here so
+# that /openapi.json describes a claim body exactly.
+_SIZE = {"type": "number", "minimum": 0}
+CAPABILITY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["hostname"],
+    "properties": {
+        "hostname": {"type": "string", "pattern": r"\S"},
+        "os": {"type": "string"},
+        "cpu_count": {"type": "integer", "minimum": 1},
+        "ram_gib": _SIZE,
+        "cuda": {"type": "boolean"},
+        "gpus": {"type": "array", "items": {
+            "type": "object", "required": ["vram_gib"], "properties": {
+                "index": {"type": "integer", "minimum": 0}, "name": {"type": "string"},
+                "vram_gib": _SIZE, "free_vram_gib": {"anyOf": [_SIZE, {"type": "null"}]}}}},
+        "python": {"type": "string"},
+        "torch": {"type": ["string", "null"]},
+        "git_commit": {"type": ["string", "null"]},
+        "version": {"type": "string"},
+        "overridden": {"type": "array", "items": {"type": "string"}},
+        "problems": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+STATUS_ENUM: dict[str, Any] = {"enum": [status.value for status in Status]}
+
+
 class ClaimRequest(Strict):
     worker_id: str = Field(min_length=1, max_length=200)
-    capability: dict[str, Any]
+    capability: dict[str, Any] = Field(json_schema_extra=CAPABILITY_SCHEMA)
     slot: int = Field(default=0, ge=0, le=1024)
     slot_vram_gib: float | None = Field(default=None, ge=0)
     allow_jobs: list[str] | None = None
@@ -196,3 +225,53 @@ class WhyOut(BaseModel):
     waited_s: float
     preference_expires_at: float | None
     workers: list[WhyWorker]
+
+
+# -- per-host tokens and enrollment ------------------------------------------
+
+Hostname = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class TokenCreateRequest(Strict):
+    hostname: str = Hostname
+    enroll: bool = False  #: a one-time enrollment code instead of a worker token
+    ttl_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
+
+
+class TokenOut(BaseModel):
+    """A token or code as listed: a short id, never the token or its hash."""
+
+    token_id: str
+    hostname: str
+    kind: Literal["worker", "enroll"]
+    created_at: float
+    expires_at: float | None
+    used_at: float | None
+    last_used_at: float | None
+    revoked_at: float | None
+    active: bool
+
+
+class TokenCreatedOut(TokenOut):
+    token: str  #: shown this once; the receiver keeps only its hash
+
+
+class TokensOut(BaseModel):
+    tokens: list[TokenOut]
+
+
+class RevokeOut(BaseModel):
+    hostname: str
+    revoked: int
+    requeued: list[str]
+
+
+class EnrollRequest(Strict):
+    code: str = Field(min_length=1, max_length=200)
+    hostname: str = Hostname
+
+
+class EnrollOut(BaseModel):
+    token: str
+    hostname: str
+    token_id: str

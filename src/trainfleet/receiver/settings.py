@@ -14,6 +14,9 @@ class ReceiverSettings:
     manifest_path: Path
     state_dir: Path
     db: str | None = None  #: queue database; default <state_dir>/queue.db
+    #: Artifact store shared by several receivers (a path all of them see); default: this
+    #: receiver's own <state_dir>/models.
+    store: str | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     operator_token: str | None = None
@@ -23,6 +26,8 @@ class ReceiverSettings:
     max_upload_bytes: int = 64 << 30
     max_body_bytes: int = 1 << 20  #: JSON request bodies
     max_log_bytes: int = 16 << 20
+    max_concurrent_uploads: int = 4  #: more at once get 503 + Retry-After
+    upload_idle_timeout_s: float = 60.0  #: an upload silent this long gets 408
     insecure: bool = False
     #: Worker calls need a token (shared or per-host) even before any host is enrolled.
     require_worker_token: bool = False
@@ -40,11 +45,12 @@ class ReceiverSettings:
 
     @property
     def store_root(self) -> Path:
-        return self.state_dir / "models"
+        return Path(self.store) if self.store else self.state_dir / "models"
 
     @property
     def logs_dir(self) -> Path:
-        return self.state_dir / "logs"
+        # Beside a shared store, so that every receiver serves every trainer log.
+        return self.store_root / ".logs" if self.store else self.state_dir / "logs"
 
     def tls_problem(self) -> str | None:
         """What is wrong with the TLS settings, naming the flag."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from trainfleet.queue import open_queue
 from trainfleet.queue.base import SyncResult
 from trainfleet.receiver.metrics import Metrics
 from trainfleet.receiver.settings import ReceiverSettings
-from trainfleet.store import LocalStore
+from trainfleet.store import LocalStore, SharedStore
 
 log = logging.getLogger("trainfleet.receiver")
 
@@ -35,16 +36,26 @@ class ReceiverState:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         settings.logs_dir.mkdir(parents=True, exist_ok=True)
         self.queue = open_queue(settings.db_path, stale_after_s=settings.stale_after_s)
-        self.store = LocalStore(settings.store_root)
+        if self.queue.database_clock:  # receivers sharing a database keep its time
+            self.started_at, self._started_mono = self.queue.clock(), monotonic()
+        self.store = SharedStore(settings.store_root) if settings.store else LocalStore(
+            settings.store_root)
         purged = self.store.purge_temp()
         if purged:
             log.info("removed %d partial upload(s) left by an earlier run", purged)
-        self.sync = self.queue.sync_manifest(self.manifest, now=self.now())
+        self.sync = self.queue.sync_manifest(self.manifest, now=self.queue_now())
         self.metrics = Metrics(lambda: self.queue)
+        self.uploads = asyncio.Semaphore(settings.max_concurrent_uploads)
 
     def now(self) -> float:
-        """Seconds since the epoch by this receiver's step-free clock."""
+        """Seconds since the epoch by this receiver's step-free clock (started from the
+        database's clock when the queue has one)."""
         return self.started_at + (self._monotonic() - self._started_mono)
+
+    def queue_now(self) -> float | None:
+        """`now` for a queue call: None lets a database with a clock time it in the statement,
+        so receivers on several hosts stamp leases by one clock."""
+        return None if self.queue.database_clock else self.now()
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -52,12 +63,12 @@ class ReceiverState:
 
     def reload(self) -> SyncResult:
         manifest = manifest_mod.load(self.settings.manifest_path)
-        result = self.queue.sync_manifest(manifest, now=self.now())
+        result = self.queue.sync_manifest(manifest, now=self.queue_now())
         self.manifest = manifest
         return result
 
     def sweep(self) -> list[str]:
-        swept = self.queue.sweep_stale(now=self.now(), since=self.started_at)
+        swept = self.queue.sweep_stale(now=self.queue_now(), since=self.started_at)
         self.metrics.swept.inc(len(swept))
         for job_id in swept:
             log.warning("job %s: worker went silent; swept", job_id[:12])

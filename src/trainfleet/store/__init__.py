@@ -1,5 +1,6 @@
-"""Artifact stores: where verified bundles live. Only the local filesystem store exists so far."""
+"""Artifact stores: where verified bundles live. A local filesystem, or one receivers share."""
 
 from trainfleet.store.local import LocalStore, Upload
+from trainfleet.store.shared import SharedStore
 
-__all__ = ["LocalStore", "Upload"]
+__all__ = ["LocalStore", "SharedStore", "Upload"]

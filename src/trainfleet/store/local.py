@@ -6,6 +6,7 @@ artifact. One process owns a root; no artifact is visible before its digest is v
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -13,13 +14,20 @@ import os
 import re
 import tempfile
 import threading
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 from trainfleet.bundle import sniff_compression
-from trainfleet.errors import ArtifactNotFound, BadRequest, DigestMismatch, PayloadTooLarge
+from trainfleet.errors import (
+    ArtifactNotFound,
+    BadRequest,
+    DigestMismatch,
+    InsufficientStorage,
+    PayloadTooLarge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,8 @@ _ARTIFACT_ID = re.compile(r"[0-9a-f]{64}")
 _PATH_PART = re.compile(r"[A-Za-z0-9._-]+")
 _FILENAMES = {"zstd": "bundle.tar.zst", "gzip": "bundle.tar.gz"}
 _COMPRESSION_OF = {filename: compression for compression, filename in _FILENAMES.items()}
+# A full disk, a file size limit (RLIMIT_FSIZE) or a quota: the client should retry later.
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class LocalStore:
@@ -170,7 +180,13 @@ class Upload:
         if self.size > self.max_bytes:
             self.abort()
             raise PayloadTooLarge(self.max_bytes)
-        fh.write(chunk)
+        try:
+            fh.write(chunk)
+        except OSError as exc:
+            self.abort()
+            if exc.errno in _NO_SPACE:
+                raise InsufficientStorage("upload", exc.strerror or str(exc)) from exc
+            raise
         self._digest.update(chunk)
         if len(self._head) < 4:
             self._head = (self._head + chunk)[:4]
@@ -185,6 +201,11 @@ class Upload:
             row = self._row(job_id=job_id, model=model, mode=mode, host=host)
             self._sync_and_close()
             placed = self._store._place(self._tmp_path, row)
+        except OSError as exc:
+            self.abort()
+            if exc.errno in _NO_SPACE:
+                raise InsufficientStorage("upload", exc.strerror or str(exc)) from exc
+            raise
         except BaseException:
             self.abort()
             raise
@@ -194,9 +215,10 @@ class Upload:
 
     def abort(self) -> None:
         """Drop the temp file; safe to call any number of times."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            with suppress(OSError):  # flushing what a full disk refused fails again
+                fh.close()
         self._tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> Upload:

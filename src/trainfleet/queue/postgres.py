@@ -1,0 +1,987 @@
+"""The PostgreSQL job queue: several receivers may share one database.
+
+psycopg 3 with a connection pool. The claim is one statement (`FOR UPDATE SKIP LOCKED`), the
+stale sweep is one idempotent statement, and every timestamp comes from the database clock
+unless a caller (a test) passes `now`. Manifest-wide settings (host policy, trainer command)
+live in the database, so a reload through any receiver is seen by all.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from trainfleet import matching
+from trainfleet.capability import Capability
+from trainfleet.errors import (
+    AmbiguousJobId,
+    BadRequest,
+    DatabaseUnavailable,
+    IllegalTransition,
+    JobNotFound,
+    LeaseLost,
+    NotFound,
+    TrainfleetError,
+)
+from trainfleet.manifest import HostSpec, JobSpec, Manifest
+from trainfleet.queue.base import (
+    LIVE,
+    Attempt,
+    Claim,
+    Event,
+    FailureKind,
+    Job,
+    RevokeResult,
+    Status,
+    SyncResult,
+    TokenInfo,
+    WorkerInfo,
+    check_enroll_code,
+)
+from trainfleet.tokens import TokenKind
+
+SCHEMA_VERSION = 1
+#: Upgrade steps: MIGRATIONS[v] is the SQL that takes schema v-1 to v. postgres.sql is
+#: always the newest schema, so a fresh database never runs these.
+MIGRATIONS: dict[int, str] = {}
+HEX = set("0123456789abcdef")
+ANALYZE_AFTER_ADDED = 500  #: a reload adding this many jobs refreshes the planner's statistics
+# pg_advisory_xact_lock keys: schema changes, and manifest syncs from several receivers.
+SCHEMA_LOCK = 0x7472_6169_6E66_0001
+SYNC_LOCK = 0x7472_6169_6E66_0002
+CLOCK = "coalesce(%(now)s::float8, extract(epoch FROM now())::float8)"
+
+Conn = psycopg.Connection[DictRow]
+
+SETTINGS = f"""
+SELECT {CLOCK} AS now,
+       (SELECT value FROM meta WHERE key = 'hosts') AS hosts,
+       (SELECT value FROM meta WHERE key = 'trainer') AS trainer
+"""
+
+UPSERT_WORKER = """
+INSERT INTO workers (worker_id, hostname, capability, allow_jobs, deny_jobs, slot_vram_gib,
+                     first_seen, last_seen)
+VALUES (%(worker_id)s, %(hostname)s, %(capability)s, %(allow_json)s, %(deny_json)s, %(vram)s,
+        %(now)s, %(now)s)
+ON CONFLICT (worker_id) DO UPDATE SET
+    hostname = excluded.hostname, capability = excluded.capability,
+    allow_jobs = excluded.allow_jobs, deny_jobs = excluded.deny_jobs,
+    slot_vram_gib = excluded.slot_vram_gib, last_seen = excluded.last_seen
+"""
+
+# The claim: one statement picks the best eligible pending job, skipping rows other claims
+# hold, and marks it claimed; the status test is repeated in the UPDATE itself. The hard
+# constraints and the prefer_cuda rule are matching.explain's, in SQL: a CPU slot may take a
+# prefer_cuda job only when it has waited prefer_wait_s, or when no live CUDA worker that
+# could run it has been seen within stale_after_s. A property test holds the two together.
+CLAIM = """
+WITH picked AS (
+    UPDATE jobs SET status = 'claimed', lease = %(lease)s, attempts = attempts + 1,
+           worker_id = %(worker_id)s, hostname = %(hostname)s, claimed_at = %(now)s,
+           heartbeat_at = %(now)s, progress = NULL, log_tail = NULL, updated_at = %(now)s
+    WHERE job_id = (
+        SELECT j.job_id FROM jobs AS j
+        WHERE j.status = 'pending' AND NOT j.orphaned
+          AND (NOT j.require_cuda OR %(cuda)s)
+          AND j.min_vram_gib <= %(vram)s
+          AND j.min_ram_gib <= %(ram)s
+          AND (j.allowed_hosts = '[]' OR j.allowed_hosts ? %(hostname)s)
+          AND (%(allow)s::text[] IS NULL OR j.model = ANY (%(allow)s::text[]))
+          AND NOT (j.model = ANY (%(deny)s::text[]))
+          AND (NOT j.prefer_cuda OR %(cuda)s OR %(now)s - j.pending_since >= j.prefer_wait_s
+               OR NOT EXISTS (
+                   SELECT 1 FROM workers AS w
+                   WHERE w.cuda AND w.last_seen >= %(now)s - %(stale_after_s)s
+                     AND (w.allow_jobs IS NULL OR w.allow_jobs ? j.model)
+                     AND NOT (w.deny_jobs ? j.model)
+                     AND j.min_vram_gib <= w.slot_vram_gib
+                     AND j.min_ram_gib <= w.ram_gib
+                     AND (j.allowed_hosts = '[]' OR j.allowed_hosts ? w.hostname)))
+        ORDER BY {order}
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) AND status = 'pending'
+    RETURNING *
+), attempt AS (
+    INSERT INTO attempts (job_id, attempt, worker_id, hostname, lease, started_at)
+    SELECT job_id, attempts, worker_id, hostname, lease, claimed_at FROM picked
+), event AS (
+    INSERT INTO events (job_id, at, kind, attempt, worker_id, detail)
+    SELECT job_id, claimed_at, 'claimed', attempts, worker_id,
+           jsonb_build_object('hostname', hostname)
+    FROM picked
+)
+SELECT * FROM picked
+"""
+ORDER_CPU = "j.priority DESC, j.manifest_index"
+ORDER_CUDA = "j.priority DESC, j.prefer_cuda DESC, j.manifest_index"
+
+# The stale sweep: one statement, safe to run from every receiver at once. SKIP LOCKED
+# leaves a job whose heartbeat is being written right now to that heartbeat, and a job
+# another receiver is sweeping to that receiver.
+SWEEP = f"""
+WITH clock AS (
+    SELECT {CLOCK} AS now
+), stale AS (
+    SELECT job_id FROM jobs, clock
+    WHERE status IN ('claimed', 'running')
+      AND greatest(heartbeat_at, %(since)s) < clock.now - %(stale_after_s)s
+    FOR UPDATE OF jobs SKIP LOCKED
+), swept AS (
+    UPDATE jobs AS j SET
+        status = CASE WHEN j.lost_count + 1 < j.max_lost AND j.attempts_charged < j.max_attempts
+                      THEN 'pending' ELSE 'failed' END,
+        lease = NULL,
+        error = 'lost worker ' || coalesce(j.worker_id, 'None'),
+        lost_count = j.lost_count + 1,
+        pending_since = CASE WHEN j.lost_count + 1 < j.max_lost
+                                  AND j.attempts_charged < j.max_attempts
+                             THEN clock.now ELSE j.pending_since END,
+        updated_at = clock.now
+    FROM stale, clock
+    WHERE j.job_id = stale.job_id AND j.status IN ('claimed', 'running')
+    RETURNING j.job_id, j.attempts, j.worker_id, j.status, j.error, clock.now
+), ended AS (
+    UPDATE attempts AS a SET ended_at = s.now, outcome = 'lost_worker', error = s.error
+    FROM swept AS s
+    WHERE a.job_id = s.job_id AND a.attempt = s.attempts AND a.ended_at IS NULL
+), logged AS (
+    INSERT INTO events (job_id, at, kind, attempt, worker_id, detail)
+    SELECT job_id, now, 'failed', attempts, worker_id,
+           jsonb_build_object('outcome', 'lost_worker', 'error', right(error, 2000),
+                              'retry', status = 'pending')
+    FROM swept
+)
+SELECT job_id FROM swept ORDER BY job_id
+"""
+
+LOCK_JOB = f"SELECT j.*, {CLOCK} AS clock FROM jobs AS j WHERE job_id = %(job_id)s FOR UPDATE"
+
+INSERT_JOB = """
+INSERT INTO jobs (job_id, name, model, mode, hyper, split_recipe, train_hosts, seed, priority,
+                  require_cuda, prefer_cuda, min_vram_gib, min_ram_gib, allowed_hosts,
+                  max_attempts, max_lost, timeout_s, prefer_wait_s, manifest_index, status,
+                  pending_since, created_at, updated_at)
+VALUES (%(job_id)s, %(name)s, %(model)s, %(mode)s, %(hyper)s, %(split_recipe)s,
+        %(train_hosts)s, %(seed)s, %(priority)s, %(require_cuda)s, %(prefer_cuda)s,
+        %(min_vram_gib)s, %(min_ram_gib)s, %(allowed_hosts)s, %(max_attempts)s, %(max_lost)s,
+        %(timeout_s)s, %(prefer_wait_s)s, %(manifest_index)s, 'pending', %(now)s, %(now)s,
+        %(now)s)
+"""
+
+# Constraints follow the manifest only while the job waits; its place in the manifest
+# always does.
+UPDATE_PENDING_JOB = """
+UPDATE jobs SET name = %(name)s, priority = %(priority)s, require_cuda = %(require_cuda)s,
+       prefer_cuda = %(prefer_cuda)s, min_vram_gib = %(min_vram_gib)s,
+       min_ram_gib = %(min_ram_gib)s, allowed_hosts = %(allowed_hosts)s,
+       max_attempts = %(max_attempts)s, max_lost = %(max_lost)s, timeout_s = %(timeout_s)s,
+       prefer_wait_s = %(prefer_wait_s)s, manifest_index = %(manifest_index)s,
+       orphaned = false, updated_at = %(now)s
+WHERE job_id = %(job_id)s
+"""
+UPDATE_PLACE = """
+UPDATE jobs SET manifest_index = %(manifest_index)s, orphaned = false
+WHERE job_id = %(job_id)s AND (manifest_index != %(manifest_index)s OR orphaned)
+"""
+
+INSERT_EVENT = """
+INSERT INTO events (job_id, at, kind, attempt, worker_id, detail)
+VALUES (%s, %s, %s, %s, %s, %s)
+"""
+END_ATTEMPT = """
+UPDATE attempts SET ended_at = %s, outcome = %s, error = %s
+WHERE job_id = %s AND attempt = %s AND ended_at IS NULL
+"""
+FINISH = """
+UPDATE jobs SET status = %(status)s, lease = NULL, error = %(error)s,
+       attempts_charged = %(charged)s, lost_count = %(lost)s,
+       pending_since = CASE WHEN %(retry)s THEN %(now)s ELSE pending_since END,
+       updated_at = %(now)s
+WHERE job_id = %(job_id)s
+RETURNING *
+"""
+REVIVE = """
+UPDATE jobs SET status = 'running', lease = %(lease)s, attempts = %(attempt)s,
+       lost_count = greatest(lost_count - 1, 0), worker_id = %(worker_id)s,
+       hostname = %(hostname)s, error = NULL, claimed_at = %(now)s, heartbeat_at = %(now)s,
+       updated_at = %(now)s
+WHERE job_id = %(job_id)s
+RETURNING *
+"""
+
+RESOLVE = """
+(SELECT job_id, true AS by_name FROM jobs WHERE name = %(name)s
+ ORDER BY orphaned, manifest_index LIMIT 1)
+UNION ALL
+(SELECT job_id, false FROM jobs WHERE job_id >= %(low)s AND job_id < %(high)s
+ ORDER BY job_id LIMIT 11)
+"""
+
+INSERT_TOKEN = """
+INSERT INTO tokens (token_hash, hostname, kind, created_at, expires_at)
+VALUES (%(token_hash)s, %(hostname)s, %(kind)s, %(now)s, %(expires_at)s)
+RETURNING *
+"""
+HOST_LIVE_JOBS = """
+SELECT * FROM jobs WHERE status IN ('claimed', 'running') AND hostname = %s
+ORDER BY job_id FOR UPDATE
+"""
+
+# Fields whose change on reload counts as "updated" (while the job is pending).
+MUTABLE_FIELDS = (
+    "name", "priority", "require_cuda", "prefer_cuda", "min_vram_gib", "min_ram_gib",
+    "allowed_hosts", "max_attempts", "max_lost", "timeout_s", "prefer_wait_s",
+)
+JSON_FIELDS = ("hyper", "train_hosts", "allowed_hosts")
+
+
+def _spec_values(spec: JobSpec) -> dict[str, Any]:
+    """A job's manifest fields as Python values, comparable with what the database returns."""
+    return {
+        "job_id": spec.job_id,
+        "name": spec.name,
+        "model": spec.model,
+        "mode": spec.mode,
+        "hyper": dict(spec.hyper),
+        "split_recipe": spec.split_recipe,
+        "train_hosts": list(spec.train_hosts),
+        "seed": spec.seed,
+        "priority": spec.priority,
+        "require_cuda": spec.require_cuda,
+        "prefer_cuda": spec.prefer_cuda,
+        "min_vram_gib": float(spec.min_vram_gib),
+        "min_ram_gib": float(spec.min_ram_gib),
+        "allowed_hosts": list(spec.allowed_hosts),
+        "max_attempts": spec.max_attempts,
+        "max_lost": spec.max_lost,
+        "timeout_s": float(spec.timeout_s),
+        "prefer_wait_s": float(spec.prefer_wait_s),
+        "manifest_index": spec.manifest_index,
+    }
+
+
+def _params(values: Mapping[str, Any], now: float) -> dict[str, Any]:
+    params = {**values, "now": now}
+    for key in JSON_FIELDS:
+        params[key] = Jsonb(values[key])
+    return params
+
+
+def _job(row: Mapping[str, Any]) -> Job:
+    return Job(
+        job_id=row["job_id"],
+        name=row["name"],
+        model=row["model"],
+        mode=row["mode"],
+        hyper=row["hyper"],
+        split_recipe=row["split_recipe"],
+        train_hosts=tuple(row["train_hosts"]),
+        seed=row["seed"],
+        priority=row["priority"],
+        require_cuda=row["require_cuda"],
+        prefer_cuda=row["prefer_cuda"],
+        min_vram_gib=row["min_vram_gib"],
+        min_ram_gib=row["min_ram_gib"],
+        allowed_hosts=tuple(row["allowed_hosts"]),
+        max_attempts=row["max_attempts"],
+        max_lost=row["max_lost"],
+        timeout_s=row["timeout_s"],
+        prefer_wait_s=row["prefer_wait_s"],
+        manifest_index=row["manifest_index"],
+        orphaned=row["orphaned"],
+        status=Status(row["status"]),
+        attempts=row["attempts"],
+        attempts_charged=row["attempts_charged"],
+        lost_count=row["lost_count"],
+        worker_id=row["worker_id"],
+        hostname=row["hostname"],
+        progress=row["progress"],
+        error=row["error"],
+        metrics=row["metrics"],
+        artifact_id=row["artifact_id"],
+        pending_since=row["pending_since"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        heartbeat_at=row["heartbeat_at"],
+    )
+
+
+def _token(row: Mapping[str, Any]) -> TokenInfo:
+    return TokenInfo(
+        token_hash=row["token_hash"], hostname=row["hostname"], kind=TokenKind(row["kind"]),
+        created_at=row["created_at"], expires_at=row["expires_at"], used_at=row["used_at"],
+        last_used_at=row["last_used_at"], revoked_at=row["revoked_at"],
+    )
+
+
+def _hosts(text: str | None) -> dict[str, HostSpec]:
+    if text is None:
+        return {}
+    return {
+        name: HostSpec(name, None if h["allow"] is None else tuple(h["allow"]), tuple(h["deny"]))
+        for name, h in json.loads(text).items()
+    }
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    host = info.get("host") or "localhost"
+    return f"postgresql://{info.get('user') or ''}@{host}:{info.get('port') or 5432}/" \
+        f"{info.get('dbname') or ''}"
+
+
+class PostgresQueue:
+    """JobQueue on PostgreSQL. Thread-safe: every call borrows a pooled connection."""
+
+    backend = "postgresql"
+    database_clock = True  #: a call without `now` is timed by the database, not the caller
+
+    def __init__(self, url: str, *, stale_after_s: float = 600.0, pool_size: int = 4) -> None:
+        self.url = url
+        self.stale_after_s = stale_after_s
+        self._worker_tokens_seen = False
+        self.schema_version = upgrade_schema(url)
+        self._pool: ConnectionPool[Conn] = ConnectionPool(
+            url, min_size=1, max_size=pool_size, open=False, name="trainfleet",
+            connection_class=psycopg.Connection[DictRow],
+            kwargs={"autocommit": True, "row_factory": dict_row},
+        )
+        self._pool.open(wait=True, timeout=30.0)
+
+    # -- plumbing ---------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[Conn]:
+        """One transaction on a pooled connection, pipelined: statements whose results are not
+        read travel together, with the COMMIT, in one round trip."""
+        with self._connection() as conn, conn.pipeline(), conn.transaction():
+            yield conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[Conn]:
+        """A pooled connection in autocommit mode: each statement is its own transaction."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"{describe(self.url)}: {exc}") from exc
+
+    def clock(self) -> float:
+        """The database's clock, as seconds since the epoch."""
+        with self._connection() as conn:
+            return self._clock(conn, None)
+
+    def _clock(self, conn: Conn, now: float | None) -> float:
+        """`now` if given, else the database's clock (in a transaction: its start)."""
+        row = conn.execute(f"SELECT {CLOCK} AS now", {"now": now}).fetchone()
+        assert row is not None
+        return float(row["now"])
+
+    def _lock_job(self, conn: Conn, job_id: str, now: float | None) -> dict[str, Any]:
+        """The job's row, locked for this transaction, with the transaction's `clock`."""
+        row = conn.execute(LOCK_JOB, {"job_id": job_id, "now": now}).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return row
+
+    def _event(
+        self, conn: Conn, job_id: str, kind: str, now: float, attempt: int | None = None,
+        worker_id: str | None = None, **detail: Any,
+    ) -> None:
+        conn.execute(INSERT_EVENT, (job_id, now, kind, attempt, worker_id, Jsonb(detail)))
+
+    def _live_row(
+        self, conn: Conn, row: dict[str, Any], lease: str, now: float
+    ) -> dict[str, Any]:
+        """The locked row if `lease` is its current live lease; LeaseLost otherwise.
+
+        A worker that comes back after its job was swept gets the job back under a new
+        attempt, if nobody has claimed it since.
+        """
+        job_id = row["job_id"]
+        if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
+            if row["status"] not in LIVE:
+                raise LeaseLost(job_id, f"job is {row['status']}")
+            return row
+        revived = self._revive(conn, row, lease, now)
+        if revived is None:
+            raise LeaseLost(job_id)
+        return revived
+
+    def _revive(
+        self, conn: Conn, row: dict[str, Any], lease: str, now: float
+    ) -> dict[str, Any] | None:
+        """Hand a swept, still unclaimed job back to the worker whose lease was swept."""
+        if row["status"] != Status.PENDING or row["orphaned"]:
+            return None
+        last = conn.execute(
+            "SELECT * FROM attempts WHERE job_id = %s ORDER BY attempt DESC LIMIT 1",
+            (row["job_id"],),
+        ).fetchone()
+        if (last is None or last["outcome"] != FailureKind.LOST_WORKER
+                or not secrets.compare_digest(last["lease"], lease)):
+            return None
+        attempt = row["attempts"] + 1
+        revived = conn.execute(
+            REVIVE, {"lease": lease, "attempt": attempt, "worker_id": last["worker_id"],
+                     "hostname": last["hostname"], "now": now, "job_id": row["job_id"]},
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO attempts (job_id, attempt, worker_id, hostname, lease, started_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            (row["job_id"], attempt, last["worker_id"], last["hostname"], lease, now),
+        )
+        self._event(conn, row["job_id"], "reclaimed", now, attempt, last["worker_id"],
+                    note=f"worker came back after attempt {last['attempt']} was swept")
+        return revived
+
+    def _end_attempt(
+        self, conn: Conn, row: Mapping[str, Any], outcome: str, error: str | None, now: float
+    ) -> None:
+        conn.execute(END_ATTEMPT, (now, outcome, error, row["job_id"], row["attempts"]))
+
+    # -- manifest ---------------------------------------------------------
+
+    def sync_manifest(self, manifest: Manifest, now: float | None = None) -> SyncResult:
+        """Idempotent reload: new ids are added, pending ones follow the manifest,
+        others keep their state, and ids no longer listed are marked orphaned.
+
+        Receivers syncing at once take turns, so each sees the other's jobs.
+        """
+        wanted = {spec.job_id: _spec_values(spec) for spec in manifest.jobs}
+        hosts = {
+            name: {"allow": None if h.allow_jobs is None else list(h.allow_jobs),
+                   "deny": list(h.deny_jobs)}
+            for name, h in manifest.hosts.items()
+        }
+        added = updated = unchanged = 0
+        with self._tx() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SYNC_LOCK,))
+            now = self._clock(conn, now)
+            existing = {
+                row["job_id"]: row
+                for row in conn.execute(
+                    f"SELECT job_id, status, orphaned, manifest_index, {', '.join(MUTABLE_FIELDS)}"
+                    " FROM jobs"
+                )
+            }
+            inserts, pending_updates, place_updates = [], [], []
+            for job_id, values in wanted.items():
+                old = existing.get(job_id)
+                if old is None:
+                    inserts.append(_params(values, now))
+                    added += 1
+                elif old["status"] == Status.PENDING and (
+                    old["orphaned"] or any(old[f] != values[f] for f in MUTABLE_FIELDS)
+                ):
+                    pending_updates.append(_params(values, now))
+                    updated += 1
+                else:
+                    place_updates.append(
+                        {"job_id": job_id, "manifest_index": values["manifest_index"]}
+                    )
+                    if old["orphaned"]:
+                        updated += 1
+                    else:
+                        unchanged += 1
+            gone = [job_id for job_id in existing if job_id not in wanted]
+            with conn.cursor() as cur:
+                cur.executemany(INSERT_JOB, inserts)
+                cur.executemany(UPDATE_PLACE, place_updates)
+                cur.executemany(UPDATE_PENDING_JOB, pending_updates)
+                cur.executemany(
+                    "INSERT INTO events (job_id, at, kind) VALUES (%s, %s, 'added')",
+                    [(p["job_id"], now) for p in inserts],
+                )
+            conn.execute(
+                "UPDATE jobs SET orphaned = true WHERE job_id = ANY (%s) AND NOT orphaned",
+                (gone,),
+            )
+            for key, value in (("hosts", hosts), ("trainer", list(manifest.trainer.command))):
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (%s, %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, json.dumps(value, sort_keys=True)),
+                )
+        if added >= ANALYZE_AFTER_ADDED:
+            # Fresh statistics, or the planner may take a bulk-loaded queue for a tiny one
+            # and sort every pending job on each claim instead of walking the index.
+            with self._connection() as conn:
+                conn.execute("ANALYZE jobs")
+        return SyncResult(added, updated, unchanged, len(gone))
+
+    # -- the worker's calls -----------------------------------------------
+
+    def claim_next(
+        self,
+        worker_id: str,
+        capability: Capability,
+        slot_vram_gib: float | None = None,
+        own_allow: tuple[str, ...] | None = None,
+        own_deny: tuple[str, ...] = (),
+        now: float | None = None,
+    ) -> Claim | None:
+        """Atomically hand the best eligible pending job to this slot, or None."""
+        vram = capability.max_vram_gib if slot_vram_gib is None else slot_vram_gib
+        with self._connection() as conn:
+            settings = conn.execute(SETTINGS, {"now": now}).fetchone()
+            assert settings is not None
+            now = float(settings["now"])
+            host = _hosts(settings["hosts"]).get(capability.hostname)
+            policy = matching.merge_policy(host, own_allow, own_deny)
+            allow = None if policy.allow is None else sorted(policy.allow)
+            deny = sorted(policy.deny)
+            order = ORDER_CUDA if capability.cuda else ORDER_CPU
+            lease = secrets.token_hex(16)
+            with conn.pipeline(), conn.transaction():  # one round trip, one WAL flush
+                # The worker is seen even when nothing fits it: the prefer_cuda rule counts it.
+                conn.execute(UPSERT_WORKER, {
+                    "worker_id": worker_id, "hostname": capability.hostname,
+                    "capability": Jsonb(capability.to_dict()),
+                    "allow_json": None if allow is None else Jsonb(allow),
+                    "deny_json": Jsonb(deny), "vram": vram, "now": now,
+                })
+                row = conn.execute(CLAIM.format(order=order), {
+                    "lease": lease, "worker_id": worker_id, "hostname": capability.hostname,
+                    "now": now, "cuda": capability.cuda, "vram": vram,
+                    "ram": capability.ram_gib, "allow": allow, "deny": deny,
+                    "stale_after_s": self.stale_after_s,
+                }).fetchone()
+        if row is None:
+            return None
+        command = tuple(json.loads(settings["trainer"])) if settings["trainer"] else ()
+        return Claim(_job(row), lease, row["attempts"], command)
+
+    def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job:
+        """The job, if `lease` is its current live lease (or revivable); LeaseLost otherwise."""
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id, now)
+            return _job(self._live_row(conn, row, lease, row["clock"]))
+
+    def heartbeat(
+        self,
+        job_id: str,
+        lease: str,
+        progress: Mapping[str, Any] | None = None,
+        log_tail: str | None = None,
+        now: float | None = None,
+    ) -> str:
+        """Record liveness and progress; "cancel" when an operator cancelled the job."""
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id, now)
+            now = float(row["clock"])
+            if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
+                if row["status"] == Status.CANCELLED:
+                    return "cancel"
+            row = self._live_row(conn, row, lease, now)
+            conn.execute(
+                "UPDATE jobs SET status = 'running', heartbeat_at = %s, updated_at = %s, "
+                "progress = coalesce(%s, progress), log_tail = coalesce(%s, log_tail) "
+                "WHERE job_id = %s",
+                (now, now, None if progress is None else Jsonb(dict(progress)), log_tail,
+                 job_id),
+            )
+            conn.execute(
+                "UPDATE workers SET last_seen = %s WHERE worker_id = %s", (now, row["worker_id"])
+            )
+            if row["status"] == Status.CLAIMED:
+                self._event(conn, job_id, "started", now, row["attempts"], row["worker_id"])
+        return "continue"
+
+    def complete(
+        self,
+        job_id: str,
+        lease: str,
+        artifact_id: str,
+        metrics: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> Job:
+        """Accept the job's result once; a repeat with the same lease and artifact is a no-op."""
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id, now)
+            now = float(row["clock"])
+            if (
+                row["status"] == Status.COMPLETED
+                and row["lease"] is not None
+                and secrets.compare_digest(row["lease"], lease)
+                and row["artifact_id"] == artifact_id
+            ):
+                return _job(row)
+            row = self._live_row(conn, row, lease, now)
+            done = conn.execute(
+                "UPDATE jobs SET status = 'completed', artifact_id = %s, metrics = %s, "
+                "progress = coalesce(progress, '{}') || '{\"fraction\": 1.0}', error = NULL, "
+                "heartbeat_at = %s, updated_at = %s WHERE job_id = %s RETURNING *",
+                (artifact_id, Jsonb(dict(metrics or {})), now, now, job_id),
+            ).fetchone()
+            assert done is not None
+            self._end_attempt(conn, row, "completed", None, now)
+            self._event(conn, job_id, "completed", now, row["attempts"], row["worker_id"],
+                        artifact_id=artifact_id)
+            return _job(done)
+
+    def fail(
+        self,
+        job_id: str,
+        lease: str,
+        error: str,
+        retryable: bool = True,
+        kind: FailureKind = FailureKind.TRAINER_ERROR,
+        now: float | None = None,
+    ) -> Job:
+        """End this attempt; the job goes back to pending while attempts remain."""
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id, now)
+            now = float(row["clock"])
+            row = self._live_row(conn, row, lease, now)
+            charged = row["attempts_charged"]
+            if kind in (FailureKind.TRAINER_ERROR, FailureKind.TIMEOUT):
+                charged += 1  # a stopped worker is not the training's fault
+            retry = retryable and charged < row["max_attempts"]
+            return _job(self._finish(conn, row, retry, kind.value, error, charged,
+                                     row["lost_count"], now))
+
+    def _finish(
+        self, conn: Conn, row: Mapping[str, Any], retry: bool, outcome: str, error: str,
+        charged: int, lost: int, now: float,
+    ) -> dict[str, Any]:
+        status = Status.PENDING if retry else Status.FAILED
+        done = conn.execute(FINISH, {
+            "status": status.value, "error": error, "charged": charged, "lost": lost,
+            "retry": retry, "now": now, "job_id": row["job_id"],
+        }).fetchone()
+        assert done is not None
+        self._end_attempt(conn, row, outcome, error, now)
+        self._event(conn, row["job_id"], "failed", now, row["attempts"], row["worker_id"],
+                    outcome=outcome, error=error[-2000:], retry=retry)
+        return done
+
+    def sweep_stale(self, now: float | None = None, since: float = 0.0) -> list[str]:
+        """Requeue (or fail, once out of attempts) live jobs whose worker went silent.
+
+        `since` is the sweeping receiver's start: silence before it never counts.
+        """
+        with self._connection() as conn:
+            rows = conn.execute(SWEEP, {"now": now, "since": since,
+                                        "stale_after_s": self.stale_after_s}).fetchall()
+        return [row["job_id"] for row in rows]
+
+    def attempt_lease_matches(self, job_id: str, attempt: int, lease: str) -> bool:
+        """Whether `lease` was handed out for that attempt (logs arrive after the attempt ends)."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT lease FROM attempts WHERE job_id = %s AND attempt = %s", (job_id, attempt)
+            ).fetchone()
+        return row is not None and secrets.compare_digest(row["lease"], lease)
+
+    def log_tail(self, job_id: str) -> str | None:
+        """The log tail of the latest heartbeat."""
+        with self._connection() as conn:
+            row = conn.execute("SELECT log_tail FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        tail: str | None = row["log_tail"]
+        return tail
+
+    # -- the operator's calls ---------------------------------------------
+
+    def cancel(self, job_id: str, now: float | None = None) -> Job:
+        """Stop a pending or live job; its worker learns it from the next heartbeat."""
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id, now)
+            now = float(row["clock"])
+            if row["status"] not in (Status.PENDING, *LIVE):
+                raise IllegalTransition(job_id, row["status"], "cancel")
+            done = conn.execute(
+                "UPDATE jobs SET status = 'cancelled', error = 'cancelled by operator', "
+                "updated_at = %s WHERE job_id = %s RETURNING *",
+                (now, job_id),
+            ).fetchone()
+            assert done is not None
+            if row["status"] in LIVE:
+                self._end_attempt(conn, row, "cancelled", "cancelled by operator", now)
+            self._event(conn, job_id, "cancelled", now, row["attempts"], row["worker_id"])
+            return _job(done)
+
+    def requeue(self, job_id: str, now: float | None = None) -> Job:
+        """Give a failed or cancelled job a fresh set of attempts."""
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id, now)
+            now = float(row["clock"])
+            if row["status"] not in (Status.FAILED, Status.CANCELLED):
+                raise IllegalTransition(job_id, row["status"], "requeue")
+            done = conn.execute(
+                "UPDATE jobs SET status = 'pending', lease = NULL, attempts_charged = 0, "
+                "lost_count = 0, error = NULL, progress = NULL, pending_since = %s, "
+                "updated_at = %s WHERE job_id = %s RETURNING *",
+                (now, now, job_id),
+            ).fetchone()
+            assert done is not None
+            self._event(conn, job_id, "requeued", now, row["attempts"])
+            return _job(done)
+
+    # -- reads ------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        with self._connection() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return _job(row)
+
+    def resolve(self, ref: str) -> str:
+        """A job id from a name, a full id or a unique id prefix of at least 8 hex digits."""
+        prefix = ref.lower()
+        if len(prefix) < 8 or len(prefix) > 64 or not set(prefix) <= HEX:
+            prefix = ""  # cannot be an id: the empty range below finds nothing
+        with self._connection() as conn:  # a name wins over an id prefix; one round trip
+            found = conn.execute(RESOLVE, {"name": ref, "low": prefix or "g",
+                                           "high": prefix + "g"}).fetchall()
+        named = [r for r in found if r["by_name"]]
+        if named:
+            return str(named[0]["job_id"])
+        ids = [str(r["job_id"]) for r in found if not r["by_name"]]
+        if not ids:
+            raise JobNotFound(ref.lower())
+        if len(ids) > 1:
+            raise AmbiguousJobId(prefix, ids)
+        return ids[0]
+
+    def list_jobs(
+        self, status: str | None = None, model: str | None = None, host: str | None = None
+    ) -> list[Job]:
+        if status is not None and status not in {s.value for s in Status}:
+            raise BadRequest(
+                f"status: expected one of {', '.join(s.value for s in Status)}, got {status!r}"
+            )
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE (%(status)s::text IS NULL OR status = %(status)s) "
+                "AND (%(model)s::text IS NULL OR model = %(model)s) "
+                "AND (%(host)s::text IS NULL OR hostname = %(host)s) "
+                "ORDER BY orphaned, manifest_index, created_at, job_id",
+                {"status": status, "model": model, "host": host},
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def history(self, job_id: str) -> list[Event]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM events WHERE job_id = %s ORDER BY id", (job_id,)
+            ).fetchall()
+        return [
+            Event(r["job_id"], r["at"], r["kind"], r["attempt"], r["worker_id"], r["detail"])
+            for r in rows
+        ]
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM attempts WHERE job_id = %s ORDER BY attempt", (job_id,)
+            ).fetchall()
+        return [
+            Attempt(r["job_id"], r["attempt"], r["worker_id"], r["hostname"], r["started_at"],
+                    r["ended_at"], r["outcome"], r["error"])
+            for r in rows
+        ]
+
+    def workers(self, now: float | None = None) -> list[WorkerInfo]:
+        with self._connection() as conn:
+            held: dict[str, list[str]] = {}
+            for r in conn.execute(
+                "SELECT worker_id, job_id FROM jobs WHERE status IN ('claimed', 'running') "
+                "ORDER BY job_id"
+            ):
+                held.setdefault(r["worker_id"], []).append(r["job_id"])
+            rows = conn.execute(
+                f"SELECT w.*, w.last_seen >= {CLOCK} - %(stale_after_s)s AS alive "
+                "FROM workers AS w ORDER BY hostname, worker_id",
+                {"now": now, "stale_after_s": self.stale_after_s},
+            ).fetchall()
+        return [
+            WorkerInfo(
+                worker_id=r["worker_id"], hostname=r["hostname"],
+                capability=Capability.from_dict(r["capability"]),
+                policy=matching.Policy(
+                    None if r["allow_jobs"] is None else frozenset(r["allow_jobs"]),
+                    frozenset(r["deny_jobs"]),
+                ),
+                slot_vram_gib=r["slot_vram_gib"], first_seen=r["first_seen"],
+                last_seen=r["last_seen"], alive=r["alive"],
+                jobs=tuple(held.get(r["worker_id"], ())),
+            )
+            for r in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        with self._connection() as conn:
+            rows = conn.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+            found = {r["status"]: r["n"] for r in rows}
+        return {s.value: found.get(s.value, 0) for s in Status}
+
+    # -- per-host tokens --------------------------------------------------
+
+    def create_token(
+        self,
+        hostname: str,
+        kind: TokenKind,
+        token_hash: str,
+        expires_at: float | None = None,
+        now: float | None = None,
+    ) -> TokenInfo:
+        """Store a new token's hash, bound to `hostname`."""
+        with self._connection() as conn:
+            return self._insert_token(conn, hostname, kind, token_hash, expires_at,
+                                      self._clock(conn, now))
+
+    def _insert_token(
+        self, conn: Conn, hostname: str, kind: TokenKind, token_hash: str,
+        expires_at: float | None, now: float,
+    ) -> TokenInfo:
+        row = conn.execute(INSERT_TOKEN, {"token_hash": token_hash, "hostname": hostname,
+                                          "kind": kind.value, "now": now,
+                                          "expires_at": expires_at}).fetchone()
+        assert row is not None
+        return _token(row)
+
+    def lookup_token(self, token_hash: str, now: float | None = None) -> TokenInfo | None:
+        """The token stored under this hash, if it is active now; None otherwise."""
+        with self._connection() as conn:
+            row = conn.execute(
+                f"SELECT t.*, {CLOCK} AS clock FROM tokens AS t WHERE token_hash = %(hash)s",
+                {"now": now, "hash": token_hash},
+            ).fetchone()
+        info = None if row is None else _token(row)
+        return info if info is not None and row is not None and info.active(row["clock"]) \
+            else None
+
+    def touch_token(self, token_hash: str, now: float | None = None) -> None:
+        """Record a use of the token (one statement; callers throttle it)."""
+        with self._connection() as conn:
+            conn.execute(f"UPDATE tokens SET last_used_at = {CLOCK} WHERE token_hash = %(hash)s",
+                         {"now": now, "hash": token_hash})
+
+    def has_worker_tokens(self) -> bool:
+        """Whether a per-host worker token was ever issued (then worker calls need a token)."""
+        if self._worker_tokens_seen:  # tokens are never deleted: once true, always true
+            return True
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE kind = 'worker') AS any"
+            ).fetchone()
+        self._worker_tokens_seen = bool(row and row["any"])
+        return self._worker_tokens_seen
+
+    def redeem_enroll_code(
+        self, code_hash: str, hostname: str, new_token_hash: str, now: float | None = None
+    ) -> TokenInfo:
+        """Exchange a one-time code for a worker token of its host, in one transaction."""
+        with self._tx() as conn:
+            now = self._clock(conn, now)
+            row = conn.execute(
+                "SELECT * FROM tokens WHERE token_hash = %s FOR UPDATE", (code_hash,)
+            ).fetchone()
+            check_enroll_code(None if row is None else _token(row), hostname, now)
+            conn.execute("UPDATE tokens SET used_at = %s WHERE token_hash = %s", (now, code_hash))
+            return self._insert_token(conn, hostname, TokenKind.WORKER, new_token_hash, None, now)
+
+    def list_tokens(self) -> list[TokenInfo]:
+        """Every token and code ever made, revoked ones included, by host then age."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM tokens ORDER BY hostname, created_at, token_hash"
+            ).fetchall()
+        return [_token(row) for row in rows]
+
+    def revoke_host(self, hostname: str, now: float | None = None) -> RevokeResult:
+        """Revoke the host's tokens and codes and sweep its live jobs at once."""
+        with self._tx() as conn:
+            now = self._clock(conn, now)
+            rows = conn.execute(
+                "SELECT * FROM tokens WHERE hostname = %s FOR UPDATE", (hostname,)
+            ).fetchall()
+            active = [info for info in map(_token, rows) if info.active(now)]
+            if not active:
+                raise NotFound(f"host {hostname!r} has no active token or enrollment code",
+                               detail={"hostname": hostname})
+            conn.execute(
+                "UPDATE tokens SET revoked_at = %s WHERE hostname = %s AND revoked_at IS NULL",
+                (now, hostname),
+            )
+            live = conn.execute(HOST_LIVE_JOBS, (hostname,)).fetchall()
+            why = f": host {hostname} revoked"
+            requeued = tuple(self._lose(conn, row, now, why) for row in live)
+        return RevokeResult(hostname, len(active), requeued)
+
+    def _lose(self, conn: Conn, row: Mapping[str, Any], now: float, why: str = "") -> str:
+        """Requeue (or fail, out of budget) a live job whose worker is gone; its id.
+
+        The stale sweep does the same in one statement (SWEEP).
+        """
+        lost = row["lost_count"] + 1
+        retry = lost < row["max_lost"] and row["attempts_charged"] < row["max_attempts"]
+        error = f"lost worker {row['worker_id']}{why}"
+        self._finish(conn, row, retry, FailureKind.LOST_WORKER.value, error,
+                     row["attempts_charged"], lost, now)
+        return str(row["job_id"])
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+# -- schema ------------------------------------------------------------------
+
+
+def read_schema_version(conn: psycopg.Connection[Any]) -> int | None:
+    """The database's schema version, or None when it has no trainfleet schema yet."""
+    found = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+    if not found or not found[0]:
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return None if row is None else int(row[0])
+
+
+def upgrade_schema(url: str) -> int:
+    """Create the schema, or bring an older one up to date; the version it is now.
+
+    Refuses a schema newer than this release knows. Receivers opening at once take turns.
+    """
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(f"{describe(url)}: cannot connect: {exc}") from exc
+    with conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        version = read_schema_version(conn)
+        if version is not None and version > SCHEMA_VERSION:
+            raise TrainfleetError(
+                f"{describe(url)}: schema version {version} is newer than this release "
+                f"reads ({SCHEMA_VERSION}); upgrade trainfleet"
+            )
+        if version is None:
+            schema = resources.files("trainfleet.queue").joinpath("postgres.sql").read_text()
+            conn.execute(schema.encode())
+        else:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                conn.execute(MIGRATIONS[step].encode())
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(SCHEMA_VERSION),),
+        )
+    return SCHEMA_VERSION
