@@ -229,7 +229,8 @@ def test_openapi_lists_every_route_of_the_protocol(shared: Receiver) -> None:
         assert path in paths, path
         assert methods <= set(paths[path]), (path, set(paths[path]))
     schemes = answer.json()["components"]["securitySchemes"]
-    assert {s["name"] for s in schemes.values()} == {"X-Worker-Token", "X-Operator-Token"}
+    assert {s["name"] for s in schemes.values()} == {"X-Worker-Token", "X-Operator-Token",
+                                                     "X-Read-Token"}
 
     def headers_of(path: str, method: str) -> set[str]:
         return {schemes[name]["name"] for s in paths[path][method].get("security", [])
@@ -238,6 +239,7 @@ def test_openapi_lists_every_route_of_the_protocol(shared: Receiver) -> None:
     assert headers_of("/v1/job/claim", "post") == {"X-Worker-Token"}
     assert headers_of("/v1/job/{job_ref}/cancel", "post") == {"X-Operator-Token"}
     assert headers_of("/v1/health", "get") == set()
+    assert headers_of("/v1/jobs", "get") == {"X-Read-Token", "X-Operator-Token", "X-Worker-Token"}
 
 
 def test_docs_page_renders_as_html(shared: Receiver) -> None:

@@ -59,6 +59,9 @@ def add_receiver(sub: Any) -> None:
     p.add_argument("--operator-token-file", type=Path,
                    help="operator token (env: TRAINFLEET_OPERATOR_TOKEN); "
                    "without one, operator calls are refused")
+    p.add_argument("--read-token-file", type=Path,
+                   help="guard reads (jobs, workers, models, logs) with this token "
+                   "(env: TRAINFLEET_READ_TOKEN); /v1/health and /metrics stay open")
     p.add_argument("--worker-token-file", type=Path,
                    help="token workers must send (env: TRAINFLEET_WORKER_TOKEN)")
     p.add_argument("--require-worker-token", action="store_true",
@@ -95,6 +98,7 @@ def run_receiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         host=args.host,
         port=args.port,
         operator_token=read_token(args.operator_token_file, environ, "TRAINFLEET_OPERATOR_TOKEN"),
+        read_token=read_token(args.read_token_file, environ, "TRAINFLEET_READ_TOKEN"),
         worker_token=read_token(args.worker_token_file, environ, "TRAINFLEET_WORKER_TOKEN"),
         stale_after_s=args.stale_after, sweep_interval_s=args.sweep_interval,
         max_upload_bytes=args.max_upload_bytes, insecure=args.insecure,

@@ -77,6 +77,7 @@ class Client:
         *,
         worker_token: str | None = None,
         operator_token: str | None = None,
+        read_token: str | None = None,
         timeout_s: float = 30.0,
         retries: int = 5,
         backoff_s: float = 0.5,
@@ -88,6 +89,7 @@ class Client:
         self._current = 0  #: index into _bases of the receiver in use
         self.worker_token = worker_token
         self.operator_token = operator_token
+        self.read_token = read_token  #: sent with every call, for receivers that guard reads
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -466,6 +468,8 @@ class Client:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if self.worker_token:
             headers["X-Worker-Token"] = self.worker_token
+        if self.read_token:
+            headers["X-Read-Token"] = self.read_token
         if operator and self.operator_token:
             headers["X-Operator-Token"] = self.operator_token
         return headers

@@ -30,6 +30,9 @@ def add_commands(sub: Any, read_token: Callable[..., str | None]) -> None:
                         f"default: {DEFAULT_RECEIVER})")
     common.add_argument("--operator-token-file", type=Path,
                         help="operator token (env: TRAINFLEET_OPERATOR_TOKEN)")
+    common.add_argument("--read-token-file", type=Path,
+                        help="read token, for receivers that guard reads (env: "
+                        "TRAINFLEET_READ_TOKEN)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     add_tls_client_arguments(common)
 
@@ -84,7 +87,8 @@ def _run(handler: Handler, read_token: Callable[..., str | None]) -> Any:
     def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         url = args.receiver or environ.get("TRAINFLEET_RECEIVER") or DEFAULT_RECEIVER
         token = read_token(args.operator_token_file, environ, "TRAINFLEET_OPERATOR_TOKEN")
-        client = Client(url, operator_token=token, retries=1, backoff_s=0.2,
+        reads = read_token(args.read_token_file, environ, "TRAINFLEET_READ_TOKEN")
+        client = Client(url, operator_token=token, read_token=reads, retries=1, backoff_s=0.2,
                         ssl_context=tls_context_from(args, environ))
         return handler(args, client)
 

@@ -42,6 +42,8 @@ worker_header = APIKeyHeader(name="X-Worker-Token", scheme_name="WorkerToken", a
 operator_header = APIKeyHeader(name="X-Operator-Token", scheme_name="OperatorToken",
                                auto_error=False, description="the operator token")
 
+read_header = APIKeyHeader(name="X-Read-Token", auto_error=False, scheme_name="ReadToken",
+                           description="the read token, when the receiver has one")
 JobRef = Annotated[str, PathParam(min_length=1, max_length=200,
                                   description="job name, id, or unique id prefix (8+ hex)")]
 ArtifactId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$", description="sha256 hex")]
@@ -133,6 +135,32 @@ async def worker_job_auth(request: Request, state: State, host: Bound) -> None:
         holder = state.queue.get(job_id).hostname
     if holder != host:
         raise WrongHost(host, holder or "(none)")
+
+
+async def read_auth(
+    request: Request,
+    state: State,
+    token: Annotated[str | None, Depends(read_header)],
+    operator: Annotated[str | None, Depends(operator_header)],
+    worker: Annotated[str | None, Depends(worker_header)],
+) -> None:
+    """Reads are open unless the receiver has a read token; then any token of ours will do."""
+    expected = state.settings.read_token
+    if not expected:
+        return
+    _refuse_repeated(request, "X-Read-Token")
+    operator_token = state.settings.operator_token
+    if _token_matches(token, expected) or (
+        operator_token and _token_matches(operator, operator_token)
+    ):
+        return
+    if worker is not None:
+        await worker_auth(request, state, worker)  # raises unless it is a valid worker token
+        return
+    raise Unauthorized("X-Read-Token")
+
+
+ReadAuth = [Depends(read_auth)]
 
 
 async def operator_auth(
@@ -310,7 +338,7 @@ def _write_log(path: Path, body: bytes) -> None:
 
 
 # response_class=Response: a text/plain class would make /openapi.json say errors are text too.
-@router.get("/v1/jobs/{job_ref}/log", response_class=Response, responses={
+@router.get("/v1/jobs/{job_ref}/log", dependencies=ReadAuth, response_class=Response, responses={
     200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "the log"},
     **ERRORS})
 async def get_log(
@@ -331,7 +359,7 @@ async def get_log(
     return PlainTextResponse(tail)
 
 
-@router.head("/v1/model/{artifact_id}", responses=ERRORS)
+@router.head("/v1/model/{artifact_id}", dependencies=ReadAuth, responses=ERRORS)
 async def head_model(artifact_id: ArtifactId, state: State) -> Response:
     """Whether the store holds this artifact, so a worker can skip the upload."""
     if not state.store.has(artifact_id):
@@ -339,7 +367,8 @@ async def head_model(artifact_id: ArtifactId, state: State) -> Response:
     return Response(headers={"Content-Length": str(_size(state, artifact_id))})
 
 
-@router.get("/v1/model/{artifact_id}", response_class=FileResponse, responses=ERRORS)
+@router.get("/v1/model/{artifact_id}", dependencies=ReadAuth, response_class=FileResponse,
+            responses=ERRORS)
 async def get_model(artifact_id: ArtifactId, state: State) -> FileResponse:
     """Download a bundle."""
     path = state.store.path(artifact_id)
@@ -347,7 +376,7 @@ async def get_model(artifact_id: ArtifactId, state: State) -> FileResponse:
                         filename=f"{artifact_id[:12]}-{path.name}")
 
 
-@router.get("/v1/models", responses=ERRORS)
+@router.get("/v1/models", dependencies=ReadAuth, responses=ERRORS)
 async def list_models(state: State, model: str | None = None) -> s.ModelsOut:
     """Stored artifacts, one index row each, with their path."""
     rows = [{**row, "path": str(state.store.path(row["artifact_id"]))}
@@ -355,7 +384,7 @@ async def list_models(state: State, model: str | None = None) -> s.ModelsOut:
     return s.ModelsOut(models=rows)
 
 
-@router.get("/v1/jobs", responses=ERRORS)
+@router.get("/v1/jobs", dependencies=ReadAuth, responses=ERRORS)
 async def list_jobs(
     state: State, status: Annotated[str | None, Query(json_schema_extra=s.STATUS_ENUM)] = None,
     model: str | None = None, host: str | None = None,
@@ -364,7 +393,7 @@ async def list_jobs(
     return s.JobsOut(jobs=[_job_out(j) for j in state.queue.list_jobs(status, model, host)])
 
 
-@router.get("/v1/jobs/{job_ref}", responses=ERRORS)
+@router.get("/v1/jobs/{job_ref}", dependencies=ReadAuth, responses=ERRORS)
 async def get_job(job_ref: JobRef, state: State) -> s.JobDetailOut:
     """One job with its history and attempts."""
     job_id = state.queue.resolve(job_ref)
@@ -381,7 +410,7 @@ async def get_job(job_ref: JobRef, state: State) -> s.JobDetailOut:
                           artifact_path=path)
 
 
-@router.get("/v1/jobs/{job_ref}/why", responses=ERRORS)
+@router.get("/v1/jobs/{job_ref}/why", dependencies=ReadAuth, responses=ERRORS)
 async def why(job_ref: JobRef, state: State) -> s.WhyOut:
     """For each live worker, every rule that keeps it from this job (matching.explain)."""
     now = state.now()
@@ -399,7 +428,7 @@ async def why(job_ref: JobRef, state: State) -> s.WhyOut:
     )
 
 
-@router.get("/v1/workers")
+@router.get("/v1/workers", dependencies=ReadAuth, responses=ERRORS)
 async def list_workers(state: State) -> s.WorkersOut:
     """Every worker seen, with capability, liveness and the jobs it holds."""
     workers = state.queue.workers(state.now())

@@ -21,6 +21,7 @@ class ReceiverSettings:
     port: int = DEFAULT_PORT
     operator_token: str | None = None
     worker_token: str | None = None
+    read_token: str | None = None  #: when set, reads need it (or an operator or worker token)
     stale_after_s: float = 600.0
     sweep_interval_s: float = 30.0
     max_upload_bytes: int = 64 << 30
