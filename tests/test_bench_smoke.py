@@ -1,0 +1,66 @@
+"""Every benchmark of bench/ runs end to end at tiny sizes, so none can rot.
+
+No timing is asserted (benchmarks are not tests); only that each figure runs, reports the
+keys the table and the goals read, and that the claim cycle completed every job exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report, suite
+from bench.options import FIGURES, SMOKE
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    log = io.StringIO()
+    found = suite.run(SMOKE, out=out, log=log)
+    assert found["errors"] == {}, log.getvalue()
+    return found
+
+
+def test_every_figure_reports_rows_with_ours_floors_and_ratios(results: dict[str, Any]) -> None:
+    assert set(results["figures"]) == set(FIGURES)
+    for name, figure in results["figures"].items():
+        assert figure["rows"], name
+        for row in figure["rows"]:
+            assert {"figure", "name", "unit", "ours", "floors"} <= set(row)
+            assert row["ours"]["median"] is not None, row["name"]
+            for floor in row["floors"]:
+                assert floor["median"] is not None and "ratio" in floor, row["name"]
+
+
+def test_claim_cycle_completes_every_job_exactly_once(results: dict[str, Any]) -> None:
+    runs = results["figures"]["claim"]["runs"]
+    for w in SMOKE.claim_workers:
+        for who in ("ours", "starlette+sqlite"):
+            for run in runs[f"W={w}"][who]:
+                assert run["exactly_once"] == 1, (who, run)
+                assert run["double_completions"] == 0
+                assert run["completed"] == SMOKE.claim_jobs  # drained: no time limit
+        for run in runs[f"W={w}"]["ours"]:
+            assert run["double_claims"] == 0 and run["left_live"] == 0
+
+
+def test_results_file_holds_the_run_and_every_goal_is_judged(results: dict[str, Any]) -> None:
+    saved = json.loads(Path(results["out"]).read_text())
+    assert saved["figures"].keys() == results["figures"].keys()
+    assert {"cpus", "http", "loop", "synchronous"} <= set(saved["machine"])
+    assert [g["goal"] for g in saved["goals"]] == [g.text for g in report.GOALS]
+    assert all(g["verdict"] in ("PASS", "MISS", "n/a") for g in saved["goals"])
+    verdicts = {g["goal"]: g["verdict"] for g in saved["goals"]}
+    assert verdicts["0 double completions (and every run exactly once)"] == "PASS"
+
+
+def test_report_prints_a_line_per_row_and_per_goal(results: dict[str, Any]) -> None:
+    table = report.table(results)
+    for row in report.rows(results):
+        assert row["name"] in table
+    assert report.goals_text(results["goals"]).count("\n") == len(report.GOALS) - 1
