@@ -85,6 +85,7 @@ progress = Path(os.environ["TRAINFLEET_PROGRESS_FILE"])
 (MARKERS / (tag + ".pid")).write_text(str(os.getpid()))
 write_json(progress, {{"fraction": 0.0, "step": 0, "message": "starting"}})
 print("training", args.model, args.mode, "seed", args.seed, flush=True)
+print("CUDA_VISIBLE_DEVICES=" + os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"), flush=True)
 
 gate = hyper.get("gate")
 deadline = time.monotonic() + hyper.get("sleep_s", 120.0 if gate else 0.0)

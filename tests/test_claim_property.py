@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from tests.conftest import QueueFactory, make_manifest
 from trainfleet import matching
 from trainfleet.capability import Capability, Gpu
+from trainfleet.failures import Cause
 
 HOSTS = ["h1", "h2", "pi", "tiny"]
 HOST_POLICY = '[hosts.pi]\ndeny_jobs = ["transformer"]\n[hosts.tiny]\nallow_jobs = ["gbt"]\n'
@@ -42,6 +43,9 @@ def _manifest(fields: list[dict[str, Any]]) -> Any:
     return make_manifest(jobs, HOST_POLICY)
 
 
+FAILURES = [None, Cause.CUDA_OOM, Cause.RAM_OOM, Cause.TRAINER_ERROR]
+
+
 # fresh_queue makes a new database per example, so sharing the fixture across examples is safe.
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -50,31 +54,39 @@ def _manifest(fields: list[dict[str, Any]]) -> Any:
     cap=capabilities(),
     own_deny=st.lists(st.sampled_from(["gbt", "mlp"]), max_size=1),
     cuda_peer=st.booleans(),
+    failure=st.sampled_from(FAILURES),
+    fail_host=st.sampled_from(HOSTS),
 )
 def test_claim_returns_the_best_job_matching_calls_eligible(
     fresh_queue: QueueFactory, fields: list[dict[str, Any]], cap: Capability,
-    own_deny: list[str], cuda_peer: bool
+    own_deny: list[str], cuda_peer: bool, failure: Cause | None, fail_host: str,
 ) -> None:
     manifest = _manifest(fields)
     q = fresh_queue()  # a new database for each example
     q.sync_manifest(manifest, now=T0)
-    peer_slots: list[matching.Slot] = []
-    taken = None
+    live: list[matching.Slot] = []
+    if failure is not None:  # a failed attempt raises needs and makes the job avoid its host
+        failer = Capability(hostname=fail_host, os="linux", cpu_count=8, ram_gib=16.0,
+                            cuda=True, gpus=(Gpu(0, "G", 24.0),))
+        failed = q.claim_next("failer", failer, now=T0)
+        if failed is not None:
+            q.fail(failed.job.job_id, failed.lease, "x", now=T0, cause=failure)
+        live.append(matching.Slot(failer, 24.0, matching.merge_policy(
+            manifest.hosts.get(fail_host), None, ())))
     if cuda_peer:  # a live CUDA worker changes the prefer_cuda rule for CPU slots
         peer = Capability(hostname="h2", os="linux", cpu_count=8, ram_gib=64.0, cuda=True,
                           gpus=(Gpu(0, "G", 80.0),))
-        peer_claim = q.claim_next("peer", peer, now=T0)
-        taken = peer_claim.job.job_id if peer_claim else None
-        peer_slots = [matching.Slot(peer, 80.0, matching.merge_policy(
-            manifest.hosts.get("h2"), None, ()))]
+        q.claim_next("peer", peer, now=T0)
+        live.append(matching.Slot(peer, 80.0, matching.merge_policy(
+            manifest.hosts.get("h2"), None, ())))
+    pending = q.list_jobs(status="pending")
     claim = q.claim_next("w", cap, own_deny=tuple(own_deny), now=T0 + 10)
     q.close()
     slot = matching.Slot(cap, cap.max_vram_gib,
                          matching.merge_policy(manifest.hosts.get(cap.hostname), None, own_deny))
-    cuda_slots = peer_slots if not cap.cuda else []
+    live.append(slot)
     eligible = [
-        j for j in manifest.jobs
-        if j.job_id != taken and matching.is_eligible(j, slot, cuda_slots, 10.0)
+        j for j in pending if matching.is_eligible(j, slot, live, T0 + 10 - j.pending_since)
     ]
     if not eligible:
         assert claim is None

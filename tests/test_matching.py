@@ -61,12 +61,12 @@ def test_prefer_cuda_waits_only_while_a_live_cuda_slot_could_run_it() -> None:
     job_spec = spec(prefer_cuda=True, prefer_wait_s=100.0)
     able = [slot(gpu())]
     busy_elsewhere = [slot(gpu(), policy=matching.Policy(deny=frozenset({"gbt"})))]
-    [reason] = matching.explain(job_spec, slot(), cuda_slots=able, waited_s=40.0)
+    [reason] = matching.explain(job_spec, slot(), live_slots=able, waited_s=40.0)
     assert "prefers CUDA" in reason and "gpu-a" in reason and "60 s" in reason
-    assert matching.is_eligible(job_spec, slot(), cuda_slots=able, waited_s=100.0)
-    assert matching.is_eligible(job_spec, slot(), cuda_slots=busy_elsewhere, waited_s=0.0)
-    assert matching.is_eligible(job_spec, slot(), cuda_slots=[], waited_s=0.0)
-    assert matching.is_eligible(job_spec, slot(gpu()), cuda_slots=able, waited_s=0.0)
+    assert matching.is_eligible(job_spec, slot(), live_slots=able, waited_s=100.0)
+    assert matching.is_eligible(job_spec, slot(), live_slots=busy_elsewhere, waited_s=0.0)
+    assert matching.is_eligible(job_spec, slot(), live_slots=[], waited_s=0.0)
+    assert matching.is_eligible(job_spec, slot(gpu()), live_slots=able, waited_s=0.0)
 
 
 def test_rank_puts_priority_first_then_prefer_cuda_on_cuda_slots_then_order() -> None:
@@ -75,3 +75,38 @@ def test_rank_puts_priority_first_then_prefer_cuda_on_cuda_slots_then_order() ->
     cuda_order = [j.name for j in sorted(jobs, key=lambda j: matching.rank_key(j, True))]
     assert cpu_order == ["c", "a", "b"]
     assert cuda_order == ["c", "b", "a"]
+
+
+class _AfterFailures:
+    """A manifest job as the queue sees it after failures: raised needs, avoided hosts."""
+
+    def __init__(self, spec: JobSpec, avoid_hosts: tuple[str, ...] = (),
+                 raised_vram_gib: float = 0.0, raised_ram_gib: float = 0.0) -> None:
+        self._spec = spec
+        self.avoid_hosts = avoid_hosts
+        self.effective_vram_gib = max(spec.min_vram_gib, raised_vram_gib)
+        self.effective_ram_gib = max(spec.min_ram_gib, raised_ram_gib)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._spec, name)
+
+
+def test_raised_needs_are_checked_and_explained_as_raised() -> None:
+    failed = _AfterFailures(spec(min_vram_gib=8.0), raised_vram_gib=30.0)
+    [reason] = matching.explain(failed, slot(gpu(vram_gib=24.0)))  # type: ignore[arg-type]
+    assert "needs 30 GiB VRAM (raised from 8 after running out of memory)" in reason
+    assert matching.is_eligible(failed, slot(gpu(vram_gib=40.0)))  # type: ignore[arg-type]
+
+
+def test_job_avoids_the_host_it_failed_on_while_another_live_host_can_run_it() -> None:
+    failed = _AfterFailures(spec(prefer_wait_s=100.0), avoid_hosts=("cpu-a",))
+    here, elsewhere = slot(cpu("cpu-a")), slot(cpu("cpu-b"))
+    [reason] = matching.explain(failed, here, [here, elsewhere], 10.0)  # type: ignore[arg-type]
+    assert reason == "avoiding host cpu-a after a failure there: cpu-b can run it"
+    assert matching.is_eligible(failed, elsewhere, [here, elsewhere], 10.0)  # type: ignore[arg-type]
+    # alone in the fleet, or after prefer_wait_s, the failed host may take it again
+    assert matching.is_eligible(failed, here, [here], 10.0)  # type: ignore[arg-type]
+    assert matching.is_eligible(failed, here, [here, elsewhere], 100.0)  # type: ignore[arg-type]
+    too_small = slot(cpu("cpu-b", ram_gib=1.0))
+    needy = _AfterFailures(spec(min_ram_gib=4.0), avoid_hosts=("cpu-a",))
+    assert matching.is_eligible(needy, here, [here, too_small], 0.0)  # type: ignore[arg-type]

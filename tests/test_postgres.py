@@ -117,12 +117,12 @@ def test_receivers_opening_a_fresh_database_at_once_make_one_schema(url: str) ->
 def test_db_upgrade_creates_then_reports_up_to_date(url: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["db", "upgrade", "--db", url]) == 0
-    assert "no schema -> schema version 1" in capsys.readouterr().out
+    assert "no schema -> schema version 2" in capsys.readouterr().out
     assert cli.main(["db", "upgrade", "--db", url]) == 0
-    assert "schema version 1, up to date" in capsys.readouterr().out
+    assert "schema version 2, up to date" in capsys.readouterr().out
     sqlite_url = f"sqlite:///{tmp_path / 'q.db'}"
     assert cli.main(["db", "upgrade", "--db", sqlite_url]) == 0
-    assert "no schema -> schema version 1" in capsys.readouterr().out
+    assert "no schema -> schema version 2" in capsys.readouterr().out
 
 
 def test_an_unreachable_database_is_503_and_its_password_is_never_shown() -> None:

@@ -14,7 +14,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ class ModelJob:
     heartbeat_at: float = T0
     last_lease: str | None = None  #: the lease of the latest attempt row
     last_outcome: str | None = None  #: that attempt's outcome (None while it is open)
+    worker: str | None = None  #: who holds (or last held) it
+    avoid: set[str] = field(default_factory=set)  #: hosts where the trainer failed
 
     def revivable(self, lease: str) -> bool:
         """A worker back after its attempt was swept gets the job if nobody took it."""
@@ -89,6 +91,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.queue = SqliteQueue(self.db_path, stale_after_s=STALE_S, synchronous="OFF")
         self.now = T0
         self.model: dict[str, ModelJob] = {}
+        self.seen: dict[str, float] = {}  #: each worker's last claim or heartbeat
         self.completed_rows: dict[str, dict[str, Any]] = {}
         self.reload(0)
 
@@ -142,8 +145,14 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(target=leases, worker=st.sampled_from(["w1", "w2"]))
     def claim(self, worker: str) -> tuple[str, str]:
         now = self.tick()
+        self.seen[worker] = now
+        # A job avoids the host its trainer failed on while another live host may take it
+        # (the clock never reaches prefer_wait_s here).
+        elsewhere = {f"host-{w}" for w, at in self.seen.items()
+                     if w != worker and at >= now - STALE_S}
         waiting = sorted((m for m in self.model.values()
-                          if m.status == "pending" and not m.orphaned),
+                          if m.status == "pending" and not m.orphaned
+                          and not (f"host-{worker}" in m.avoid and elsewhere - m.avoid)),
                          key=lambda m: (-m.priority, m.manifest_index))
         claimed = self.queue.claim_next(worker, cpu(f"host-{worker}"), now=now)
         if not waiting:
@@ -154,7 +163,7 @@ class QueueMachine(RuleBasedStateMachine):
         m.status, m.lease, m.last_lease, m.last_outcome = "claimed", claimed.lease, \
             claimed.lease, None
         m.attempts += 1
-        m.heartbeat_at = now
+        m.heartbeat_at, m.worker = now, worker
         assert claimed.attempt == m.attempts
         return (claimed.job.job_id, claimed.lease)
 
@@ -179,6 +188,8 @@ class QueueMachine(RuleBasedStateMachine):
         assert self.queue.heartbeat(job_id, lease, {"fraction": 0.5}, "log", now=now) \
             == "continue"
         m.status, m.heartbeat_at = "running", now
+        if m.worker is not None:
+            self.seen[m.worker] = now
 
     @rule(held=leases)
     def upload(self, held: tuple[str, str]) -> None:
@@ -227,6 +238,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.queue.fail(job_id, lease, "boom", retryable, kind, now=now)
         if kind is not FailureKind.WORKER_SHUTDOWN:
             m.charged += 1
+            m.avoid.add(f"host-{m.worker}")
         self.end_attempt(m, kind.value, retryable and m.charged < m.max_attempts)
 
     @rule(seconds=st.sampled_from([1.0, STALE_S / 2, STALE_S + 1]))
@@ -270,6 +282,7 @@ class QueueMachine(RuleBasedStateMachine):
             return
         assert self.queue.requeue(found[0], now=now).status == "pending"
         m.status, m.lease, m.charged, m.lost = "pending", None, 0, 0
+        m.avoid.clear()
 
     @rule(variant=st.integers(0, len(MANIFESTS) - 1))
     def reload(self, variant: int) -> None:

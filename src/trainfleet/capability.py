@@ -269,6 +269,38 @@ def _windows_ram_bytes() -> int:
     return int(status.ullTotalPhys)
 
 
+def free_vram(environ: Mapping[str, str] | None = None) -> dict[int, float]:
+    """Each GPU's free memory now, in GiB, by the index CUDA gives it here (nvidia-smi);
+    empty when that cannot be read."""
+    env = os.environ if environ is None else environ
+    smi = shutil.which("nvidia-smi", path=env.get("PATH", os.defpath))
+    if smi is None:
+        return {}
+    try:
+        gpus = parse_nvidia_smi(_run_tool([smi, *NVIDIA_SMI_QUERY]))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {}
+    visible = visible_gpus(gpus, env.get("CUDA_VISIBLE_DEVICES"))
+    return {gpu.index: gpu.free_vram_gib for gpu in visible if gpu.free_vram_gib is not None}
+
+
+def processes_vram_gib(pids: Sequence[int], environ: Mapping[str, str] | None = None
+                       ) -> float | None:
+    """The GPU memory these processes hold now, in GiB (nvidia-smi's compute apps); None
+    when that cannot be read."""
+    env = os.environ if environ is None else environ
+    smi = shutil.which("nvidia-smi", path=env.get("PATH", os.defpath))
+    if smi is None or not pids:
+        return None
+    query = ["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    try:
+        rows = [line.split(",") for line in _run_tool([smi, *query]).splitlines() if line]
+        held = [_mib_to_gib(used) for pid, used in rows if int(pid) in set(pids)]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return round(sum(gib for gib in held if gib is not None), 3)
+
+
 def _detect_gpus(path: str, cuda_visible_devices: str | None) -> tuple[Gpu, ...]:
     """nvidia-smi's view of the GPUs; torch's only where nvidia-smi is not installed."""
     smi = shutil.which("nvidia-smi", path=path)

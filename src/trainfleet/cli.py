@@ -173,7 +173,13 @@ def add_worker(sub: Any) -> None:
     p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
                    help="on SIGTERM, how long the trainer gets before it is killed")
     p.add_argument("--once", action="store_true", help="run at most one job, then exit")
-    p.add_argument("--max-jobs", type=int, metavar="N", help="exit after N jobs")
+    p.add_argument("--max-jobs", type=int, metavar="N", help="exit after N jobs (per slot)")
+    p.add_argument("--slots", default="auto", metavar="auto|N",
+                   help="slots claiming and training at once: auto (default) = one per GPU, "
+                   "each trainer seeing only its GPU (CUDA_VISIBLE_DEVICES); N = the first N "
+                   "GPUs (N CPU slots on a host without CUDA). One slot uses the whole host")
+    p.add_argument("--cpu-slots", type=int, default=0, metavar="K",
+                   help="K more slots for CPU-only jobs, whose trainers see no GPU")
     p.add_argument("--capability-file", type=Path,
                    help="JSON object whose keys replace detected capability fields")
     p.add_argument("--stop-file", type=Path, help="stop as on SIGTERM when this file appears "
@@ -184,8 +190,9 @@ def add_worker(sub: Any) -> None:
 
 
 def run_worker(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from trainfleet.capability import detect
     from trainfleet.client import Client
-    from trainfleet.worker import Worker, WorkerSettings
+    from trainfleet.worker import SlotGroup, Worker, WorkerSettings, plan_slots
 
     found = config.fill_worker_args(args, environ)
     if args.log_file:
@@ -202,9 +209,16 @@ def run_worker(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         once=args.once, max_jobs=args.max_jobs, capability_file=args.capability_file,
         shutdown_grace_s=args.shutdown_grace,
     )
-    client = Client(url, worker_token=token, fallback_urls=urls[1:],
-                    ssl_context=console.tls_context_from(args, environ))
-    worker = Worker(settings, client)
+    tls = console.tls_context_from(args, environ)
+
+    def make_client() -> Client:
+        return Client(url, worker_token=token, fallback_urls=urls[1:], ssl_context=tls)
+
+    cap = detect(workdir, override_file=args.capability_file)
+    plan = plan_slots(cap, args.slots, args.cpu_slots, environ.get("CUDA_VISIBLE_DEVICES"))
+    worker: Worker | SlotGroup = Worker(settings, make_client(), cap)
+    if len(plan) > 1:
+        worker = SlotGroup.build(settings, make_client, cap, plan)
     worker.install_signal_handlers()
     if args.stop_file:
         install.watch_stop_file(args.stop_file, worker.request_stop)

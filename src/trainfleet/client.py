@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -122,6 +122,7 @@ class Client:
         slot_vram_gib: float | None = None,
         allow_jobs: list[str] | tuple[str, ...] | None = None,
         deny_jobs: list[str] | tuple[str, ...] = (),
+        free_vram_gib: float | None = None,
     ) -> dict[str, Any] | None:
         """Claim the best eligible job: its claim answer (job, lease, attempt, command), or None."""
         body = {
@@ -129,6 +130,7 @@ class Client:
             "capability": capability,
             "slot": slot,
             "slot_vram_gib": slot_vram_gib,
+            "free_vram_gib": free_vram_gib,
             "allow_jobs": None if allow_jobs is None else list(allow_jobs),
             "deny_jobs": list(deny_jobs),
         }
@@ -141,13 +143,16 @@ class Client:
         lease: str,
         progress: dict[str, Any] | None = None,
         log_tail: str | None = None,
+        peak_vram_gib: float | None = None,
     ) -> str:
         """Report liveness; the receiver's action, "continue" or "cancel".
 
         Not retried: heartbeats are periodic, so the next one is the retry, and a worker
         blocked in backoff could not watch its trainer.
         """
-        body = {"lease": lease, "progress": progress, "log_tail": log_tail}
+        body: dict[str, Any] = {"lease": lease, "progress": progress, "log_tail": log_tail}
+        if peak_vram_gib is not None:
+            body["peak_vram_gib"] = peak_vram_gib
         path = f"/v1/job/{_seg(job_id)}/heartbeat"
         answer = self._json("POST", path, body=body, fenced_job_id=job_id, retries=0)
         return str(answer["action"])
@@ -162,10 +167,15 @@ class Client:
         return answer
 
     def fail(
-        self, job_id: str, lease: str, error: str, retryable: bool, kind: str
+        self, job_id: str, lease: str, error: str, retryable: bool, kind: str,
+        diagnosis: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Report a failed attempt; the job resource with its new status."""
-        body = {"lease": lease, "error": error, "retryable": retryable, "kind": kind}
+        """Report a failed attempt; the job resource with its new status.
+
+        `diagnosis` adds the optional `cause`, `signature` and `peak_vram_gib` fields.
+        """
+        body = {"lease": lease, "error": error, "retryable": retryable, "kind": kind,
+                **{k: v for k, v in (diagnosis or {}).items() if v is not None}}
         path = f"/v1/job/{_seg(job_id)}/fail"
         answer: dict[str, Any] = self._json("POST", path, body=body, fenced_job_id=job_id)
         return answer
@@ -313,6 +323,12 @@ class Client:
     def revoke_host(self, hostname: str) -> dict[str, Any]:
         """Refuse a host's tokens from now on; its live jobs are requeued (operator)."""
         path = f"/v1/tokens/{_seg(hostname)}/revoke"
+        answer: dict[str, Any] = self._json("POST", path, operator=True)
+        return answer
+
+    def release_host(self, hostname: str) -> dict[str, Any]:
+        """Lift a host's quarantine (operator): `{"hostname", "was_until", "reason"}`."""
+        path = f"/v1/hosts/{_seg(hostname)}/release"
         answer: dict[str, Any] = self._json("POST", path, operator=True)
         return answer
 

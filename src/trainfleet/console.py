@@ -49,7 +49,9 @@ def add_commands(sub: Any, read_token: Callable[..., str | None]) -> None:
     command("show", show, "everything about one job").add_argument("job")
     command("why", why, "why a job is not running: each live worker's blocking rules"
             ).add_argument("job")
-    command("workers", workers, "workers with capability, last seen, current job")
+    command("workers", workers, "workers with capability, last seen, current job, quarantine"
+            ).add_argument("--release", metavar="HOST",
+                           help="lift the host's quarantine (operator)")
     p = command("logs", logs, "a job's trainer log")
     p.add_argument("job")
     p.add_argument("--attempt", type=int)
@@ -188,6 +190,13 @@ def show(args: argparse.Namespace, client: Client) -> int:
     for name in fields:
         value = job[name]
         print(f"{name + ':':<15} {json.dumps(value) if isinstance(value, dict | list) else value}")
+    for need in ("vram", "ram"):
+        declared, effective = job[f"min_{need}_gib"], job.get(f"effective_{need}_gib")
+        if effective is not None and effective > declared:
+            print(f"{'needs ' + need + ':':<15} {effective:g} GiB effective (declared {declared:g};"
+                  " raised after running out of memory)")
+    if job.get("avoid_hosts"):
+        print(f"{'avoiding:':<15} {', '.join(job['avoid_hosts'])} (failed there)")
     print(f"{'progress:':<15} {_progress(job) or '-'}")
     print(f"{'metrics:':<15} {json.dumps(job['metrics']) if job['metrics'] else '-'}")
     print(f"{'artifact:':<15} {job['artifact_id'] or '-'}")
@@ -199,8 +208,11 @@ def show(args: argparse.Namespace, client: Client) -> int:
     for a in job["attempts_detail"]:
         end = time.strftime("%H:%M:%S", time.localtime(a["ended_at"])) if a["ended_at"] else "-"
         start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["started_at"]))
+        cause = f" [{a['cause']}]" if a.get("cause") else ""
+        if a.get("peak_vram_gib") is not None:  # declared vs what it used
+            cause += f" peak {a['peak_vram_gib']:g} GiB VRAM (declared {job['min_vram_gib']:g})"
         print(f"  #{a['attempt']}  {a['hostname']} ({a['worker_id']})  {start} -> {end}  "
-              f"{a['outcome'] or 'live'}  {_first_line(a['error'])}")
+              f"{a['outcome'] or 'live'}{cause}  {_first_line(a['error'])}")
     print("\nhistory:")
     for e in job["history"]:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
@@ -215,10 +227,13 @@ def why(args: argparse.Namespace, client: Client) -> int:
         return _print_json(answer)
     state = answer["status"]
     title = f"{answer['name']} ({answer['job_id'][:12]}) is {state}"
-    if state != "pending":
+    if state not in ("pending", "unschedulable"):
         print(title)
         return 0
     print(f"{title}, waiting for {span(answer['waited_s'])}")
+    if state == "unschedulable":
+        print(f"  {answer.get('reason') or 'no worker seen in the fleet can run it'}; it is "
+              "pending again as soon as a worker that can registers")
     if not answer["workers"]:
         print("  no worker is alive: start one with `trainfleet worker --receiver URL`")
     free = [w for w in answer["workers"] if not w["reasons"]]
@@ -239,6 +254,13 @@ def why(args: argparse.Namespace, client: Client) -> int:
 
 
 def workers(args: argparse.Namespace, client: Client) -> int:
+    if args.release:
+        _operator(client, "release a host")
+        released = client.release_host(args.release)
+        if args.json:
+            return _print_json(released)
+        print(f"released {released['hostname']} from quarantine ({released['reason']})")
+        return 0
     fleet = client.workers()
     if args.json:
         return _print_json(fleet)
@@ -250,6 +272,11 @@ def workers(args: argparse.Namespace, client: Client) -> int:
                      f"{cap.get('ram_gib', 0):g}G", gpus, ago(w["last_seen"]),
                      "yes" if w["alive"] else "no", ",".join(j[:12] for j in w["jobs"]) or "-"])
     _table(rows)
+    quarantined = {w["hostname"]: w for w in fleet if w.get("quarantined_until")}
+    for host, w in sorted(quarantined.items()):
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(w["quarantined_until"]))
+        print(f"quarantined: {host} until {until}: {w['quarantine_reason']} "
+              f"(lift with `trainfleet workers --release {host}`)")
     return 0
 
 

@@ -163,6 +163,9 @@ class _JobView:
         self.allowed_hosts: tuple[str, ...] = tuple(job["allowed_hosts"])
         self.prefer_wait_s: float = job["prefer_wait_s"]
         self.manifest_index: int = job["manifest_index"]
+        self.effective_vram_gib: float = job.get("effective_vram_gib", self.min_vram_gib)
+        self.effective_ram_gib: float = job.get("effective_ram_gib", self.min_ram_gib)
+        self.avoid_hosts: tuple[str, ...] = tuple(job.get("avoid_hosts", ()))
 
 
 def _reasons(job: dict[str, Any], slots: list[matching.Slot]) -> dict[str, list[str]]:
@@ -193,7 +196,7 @@ def _report(client: Client, jobs: list[dict[str, Any]], workers: list[dict[str, 
     for row in stored:
         print(f"  {row['path']}")
     slots = _slots(workers)
-    waiting = [j for j in jobs if j["status"] == "pending"]
+    waiting = [j for j in jobs if j["status"] in ("pending", "unschedulable")]
     if waiting:
         print("\nleft pending (no demo host can run them):")
     for job in waiting:

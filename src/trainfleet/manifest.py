@@ -32,6 +32,7 @@ DEFAULTABLE: dict[str, Any] = {
     "max_lost": 5,
     "timeout_s": 86400.0,
     "prefer_wait_s": 3600.0,
+    "stall_after_s": 0.0,
 }
 JOB_KEYS = {"name", "model", "mode", "hyper", "split_recipe", "train_hosts", "seed"} | set(
     DEFAULTABLE
@@ -85,6 +86,8 @@ class JobSpec:
     max_lost: int = 5  #: bounds attempts lost with their worker
     timeout_s: float = 86400.0
     prefer_wait_s: float = 3600.0
+    #: fail a live job whose progress has not moved for this long (0: never)
+    stall_after_s: float = 0.0
     manifest_index: int = 0  #: position in the manifest; the last tie-breaker of claim order
 
     @property
@@ -92,6 +95,19 @@ class JobSpec:
         return job_id_of(
             self.model, self.mode, self.hyper, self.split_recipe, self.train_hosts, self.seed
         )
+
+    # A job fresh from the manifest needs what it declares; the queue may raise it later.
+    @property
+    def effective_vram_gib(self) -> float:
+        return self.min_vram_gib
+
+    @property
+    def effective_ram_gib(self) -> float:
+        return self.min_ram_gib
+
+    @property
+    def avoid_hosts(self) -> tuple[str, ...]:
+        return ()
 
 
 @dataclass(frozen=True)
@@ -204,10 +220,11 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_lost": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "timeout_s": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
     "prefer_wait_s": (lambda v: _is_number(v) and v >= 0, "a number of seconds >= 0"),
+    "stall_after_s": (lambda v: _is_number(v) and v >= 0, "a number of seconds >= 0 (0: off)"),
     "split_recipe": (lambda v: isinstance(v, str), "a string"),
     "name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
 }
-_FLOAT_FIELDS = {"min_vram_gib", "min_ram_gib", "timeout_s", "prefer_wait_s"}
+_FLOAT_FIELDS = {"min_vram_gib", "min_ram_gib", "timeout_s", "prefer_wait_s", "stall_after_s"}
 _HYPER_CHECKS: dict[str, Callable[[Any], bool]] = {
     "int": _is_int,
     "float": _is_number,
@@ -411,6 +428,7 @@ class _Validator:
             max_lost=values["max_lost"],
             timeout_s=values["timeout_s"],
             prefer_wait_s=values["prefer_wait_s"],
+            stall_after_s=values["stall_after_s"],
             manifest_index=index,
         )
 

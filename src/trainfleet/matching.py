@@ -14,27 +14,38 @@ from trainfleet.capability import Capability
 from trainfleet.manifest import HostSpec
 
 
-class JobLike(Protocol):
-    """The job fields matching reads; JobSpec and the queue's Job both have them."""
+class Needs(Protocol):
+    """The job fields the hard constraints read."""
 
     @property
     def model(self) -> str: ...
     @property
-    def priority(self) -> int: ...
-    @property
     def require_cuda(self) -> bool: ...
-    @property
-    def prefer_cuda(self) -> bool: ...
     @property
     def min_vram_gib(self) -> float: ...
     @property
     def min_ram_gib(self) -> float: ...
     @property
+    def effective_vram_gib(self) -> float: ...
+    @property
+    def effective_ram_gib(self) -> float: ...
+    @property
     def allowed_hosts(self) -> tuple[str, ...]: ...
+
+
+class JobLike(Needs, Protocol):
+    """The job fields matching reads; JobSpec and the queue's Job both have them."""
+
+    @property
+    def priority(self) -> int: ...
+    @property
+    def prefer_cuda(self) -> bool: ...
     @property
     def prefer_wait_s(self) -> float: ...
     @property
     def manifest_index(self) -> int: ...
+    @property
+    def avoid_hosts(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class Slot:
     capability: Capability
     vram_gib: float
     policy: Policy = Policy()
+    quarantine: str | None = None  #: "host quarantined until T: reason" while it is
 
     @property
     def cuda(self) -> bool:
@@ -81,9 +93,13 @@ class Slot:
         return self.capability.hostname
 
 
-def hard_reasons(job: JobLike, slot: Slot) -> list[str]:
-    """Every constraint of the job this slot fails, ignoring the CUDA preference."""
-    reasons = []
+def hard_reasons(job: Needs, slot: Slot) -> list[str]:
+    """Every constraint of the job this slot fails, ignoring the soft preferences.
+
+    Memory is checked against the job's effective needs: the declared ones, raised after
+    an out-of-memory failure.
+    """
+    reasons = [slot.quarantine] if slot.quarantine else []
     cap = slot.capability
     if not slot.policy.allows(job.model):
         if slot.policy.allow is not None and job.model not in slot.policy.allow:
@@ -95,10 +111,13 @@ def hard_reasons(job: JobLike, slot: Slot) -> list[str]:
             reasons.append(f"host policy: {cap.hostname} denies {job.model!r}")
     if job.require_cuda and not cap.cuda:
         reasons.append(f"requires CUDA; {cap.hostname} has no CUDA GPU")
-    if job.min_vram_gib > slot.vram_gib:
-        reasons.append(f"needs {job.min_vram_gib:g} GiB VRAM; the slot has {slot.vram_gib:g} GiB")
-    if job.min_ram_gib > cap.ram_gib:
-        reasons.append(f"needs {job.min_ram_gib:g} GiB RAM; {cap.hostname} has {cap.ram_gib:g} GiB")
+    vram, ram = job.effective_vram_gib, job.effective_ram_gib
+    if vram > slot.vram_gib:
+        reasons.append(f"needs {vram:g} GiB VRAM{_raised(vram, job.min_vram_gib)}; "
+                       f"the slot has {slot.vram_gib:g} GiB")
+    if ram > cap.ram_gib:
+        reasons.append(f"needs {ram:g} GiB RAM{_raised(ram, job.min_ram_gib)}; "
+                       f"{cap.hostname} has {cap.ram_gib:g} GiB")
     if job.allowed_hosts and cap.hostname not in job.allowed_hosts:
         reasons.append(
             f"allowed_hosts is {', '.join(job.allowed_hosts)}; this is {cap.hostname}"
@@ -106,13 +125,18 @@ def hard_reasons(job: JobLike, slot: Slot) -> list[str]:
     return reasons
 
 
+def _raised(effective: float, declared: float) -> str:
+    return f" (raised from {declared:g} after running out of memory)" if effective > declared \
+        else ""
+
+
 def preference_reason(
-    job: JobLike, slot: Slot, cuda_slots: Sequence[Slot], waited_s: float
+    job: JobLike, slot: Slot, live_slots: Sequence[Slot], waited_s: float
 ) -> str | None:
     """Why a prefer_cuda job should still wait for a CUDA slot instead of this CPU slot."""
     if not job.prefer_cuda or slot.cuda or waited_s >= job.prefer_wait_s:
         return None
-    able = [s.hostname for s in cuda_slots if not hard_reasons(job, s)]
+    able = [s.hostname for s in live_slots if s.cuda and not hard_reasons(job, s)]
     if not able:
         return None
     left_s = job.prefer_wait_s - waited_s
@@ -122,35 +146,64 @@ def preference_reason(
     )
 
 
+def avoidance_reason(
+    job: JobLike, slot: Slot, live_slots: Sequence[Slot], waited_s: float
+) -> str | None:
+    """Why a job that failed on this slot's host should go to another live host that can
+    run it; like the CUDA preference, it lapses after prefer_wait_s."""
+    if slot.hostname not in job.avoid_hosts or waited_s >= job.prefer_wait_s:
+        return None
+    able = {s.hostname for s in live_slots
+            if s.hostname not in job.avoid_hosts and not hard_reasons(job, s)}
+    if not able:
+        return None
+    return (f"avoiding host {slot.hostname} after a failure there: {', '.join(sorted(able))} "
+            f"can run it")
+
+
 def explain(
-    job: JobLike, slot: Slot, cuda_slots: Sequence[Slot] = (), waited_s: float = 0.0
+    job: JobLike, slot: Slot, live_slots: Sequence[Slot] = (), waited_s: float = 0.0
 ) -> list[str]:
     """Every reason this slot may not take the job now; empty means eligible.
 
-    `cuda_slots` are the live CUDA workers' slots; `waited_s` is how long the job
-    has been pending.
+    `live_slots` are the live workers' slots (the CUDA preference looks only at the CUDA
+    ones); `waited_s` is how long the job has been pending.
     """
     reasons = hard_reasons(job, slot)
-    preference = preference_reason(job, slot, cuda_slots, waited_s)
-    if preference:
-        reasons.append(preference)
+    for soft in (preference_reason, avoidance_reason):
+        reason = soft(job, slot, live_slots, waited_s)
+        if reason:
+            reasons.append(reason)
     return reasons
+
+
+def unschedulable_reason(job: Needs, seen: Sequence[Slot]) -> str | None:
+    """Why no slot ever seen in the fleet could run the job (hard rules only), one host at
+    a time; None when one could, or when none was ever seen."""
+    by_host: dict[str, list[str]] = {}
+    for slot in seen:
+        reasons = hard_reasons(job, slot)
+        if not reasons:
+            return None
+        by_host.setdefault(slot.hostname, reasons)
+    if not by_host:
+        return None
+    hosts = "; ".join(f"{host}: {', '.join(reasons)}" for host, reasons in sorted(by_host.items()))
+    return f"no worker seen in the fleet can run it ({hosts})"
 
 
 def explain_fleet(
     job: JobLike, slots: Mapping[str, Slot], waited_s: float = 0.0
 ) -> dict[str, list[str]]:
     """For each live worker (by id), every reason it may not take the job now."""
-    cuda_slots = [slot for slot in slots.values() if slot.cuda]
-    return {
-        worker_id: explain(job, slot, cuda_slots, waited_s) for worker_id, slot in slots.items()
-    }
+    live = list(slots.values())
+    return {worker_id: explain(job, slot, live, waited_s) for worker_id, slot in slots.items()}
 
 
 def is_eligible(
-    job: JobLike, slot: Slot, cuda_slots: Sequence[Slot] = (), waited_s: float = 0.0
+    job: JobLike, slot: Slot, live_slots: Sequence[Slot] = (), waited_s: float = 0.0
 ) -> bool:
-    return not explain(job, slot, cuda_slots, waited_s)
+    return not explain(job, slot, live_slots, waited_s)
 
 
 def rank_key(job: JobLike, cuda_slot: bool) -> tuple[int, int, int]:

@@ -96,6 +96,11 @@ def _write_record(state_dir: Path, pid: int, job_id: str) -> None:
     os.replace(tmp, state_dir / RECORD)
 
 
+def members(child: subprocess.Popen[bytes]) -> list[int]:
+    """The trainer's process and every process it started, still alive (POSIX)."""
+    return _group_members(child.pid)
+
+
 def _group_members(pgid: int) -> list[int]:
     """Pids in process group `pgid`, read from /proc (empty where there is no /proc)."""
     members = []

@@ -6,6 +6,7 @@ trained is lost to a receiver outage or a worker restart.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,16 +21,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from trainfleet import bundle, trainer_process
-from trainfleet.capability import Capability, detect, self_test
+from trainfleet import bundle, capability, trainer_process
+from trainfleet.capability import Capability, Gpu, detect, self_test
 from trainfleet.client import Client
 from trainfleet.errors import LeaseLost, ReceiverError, ReceiverUnreachable, TrainfleetError
+from trainfleet.failures import Diagnosis, diagnose
 
 log = logging.getLogger("trainfleet.worker")
 
@@ -67,6 +70,9 @@ class WorkerSettings:
     capability_file: Path | None = None
     shutdown_grace_s: float = 10.0
     python: str = sys.executable
+    slot: int = 0  #: this slot's number on its host
+    #: CUDA_VISIBLE_DEVICES for the trainer ("" hides every GPU); None leaves it as it is
+    visible_devices: str | None = None
 
 
 class _Outcome(Enum):
@@ -138,6 +144,7 @@ class Worker:
         self.worker_id = settings.worker_id or _load_worker_id(self.state_dir, hostname)
         self._stopping = False
         self._wake = threading.Event()  #: set only when asked to stop
+        self._peak_vram_gib: float | None = None  #: the running attempt's, sampled
         client.stop_event = self._wake
 
     def run(self) -> int:
@@ -175,15 +182,26 @@ class Worker:
         claim = self.client.claim(
             self.worker_id,
             cap.to_dict(),
-            slot=0,
+            slot=self.settings.slot,
             slot_vram_gib=cap.max_vram_gib,
             allow_jobs=None if allow is None else list(allow),
             deny_jobs=list(self.settings.deny_jobs),
+            free_vram_gib=self._free_vram_gib(cap),
         )
         if claim is None:
             return False
         self._run_job(claim)
         return True
+
+    def _free_vram_gib(self, cap: Capability) -> float | None:
+        """The most free memory of this slot's GPUs now: read from nvidia-smi, or given by the
+        capability file; None when unknown (the claim then goes by the total)."""
+        known = {gpu.index: gpu.free_vram_gib for gpu in cap.gpus
+                 if gpu.free_vram_gib is not None}
+        if "gpus" not in cap.overridden and cap.gpus:
+            known = capability.free_vram()
+        free = [known[gpu.index] for gpu in cap.gpus if gpu.index in known]
+        return max(free) if free else None
 
     def request_stop(self) -> None:
         """Ask the loop to stop: no new claims, and a running trainer is terminated."""
@@ -240,6 +258,7 @@ class Worker:
         what = f"{job.get('name')}, model {job.get('model')}, mode {job.get('mode')}"
         log.info("claimed job %s (%s, attempt %d)", att.short, what, att.attempt)
         _prepare_run_dir(att, job.get("hyper") or {})
+        self._peak_vram_gib = None
         try:
             argv = fill_command(claim["command"], self._placeholders(job, att))
         except TrainfleetError as exc:
@@ -270,12 +289,14 @@ class Worker:
         elif outcome is _Outcome.EXITED:
             rc = child.returncode
             log.warning("job %s: trainer exited %d after %.0f s", att.short, rc, elapsed_s)
-            error = f"trainer exited {rc}:\n{_tail(att.log_path, ERROR_TAIL_BYTES)}"
-            self._report_failure(att, "trainer_error", error, retryable=True)
+            tail = _tail(att.log_path, ERROR_TAIL_BYTES)
+            self._report_failure(att, "trainer_error", f"trainer exited {rc}:\n{tail}",
+                                 retryable=True, diagnosis=diagnose(rc, tail))
         elif outcome is _Outcome.TIMEOUT:
             log.warning("job %s: timed out after %.0f s; trainer stopped", att.short, elapsed_s)
-            error = f"timed out after {timeout_s:g} s:\n{_tail(att.log_path, ERROR_TAIL_BYTES)}"
-            self._report_failure(att, "timeout", error, retryable=True)
+            tail = _tail(att.log_path, ERROR_TAIL_BYTES)
+            self._report_failure(att, "timeout", f"timed out after {timeout_s:g} s:\n{tail}",
+                                 retryable=True, diagnosis=diagnose(None, tail, timed_out=True))
         elif outcome is _Outcome.SHUTDOWN:
             log.info("job %s: worker shutting down; trainer stopped", att.short)
             self._report_failure(att, "worker_shutdown", "worker shutting down", retryable=True)
@@ -308,6 +329,8 @@ class Worker:
             "TRAINFLEET_RECEIVER": self.settings.receiver_url,
         }
         env.setdefault("PYTHONUNBUFFERED", "1")  # so heartbeat log tails are live
+        if self.settings.visible_devices is not None:  # the slot's own GPU, or none
+            env["CUDA_VISIBLE_DEVICES"] = self.settings.visible_devices
         return trainer_process.start(argv, self.settings.workdir, env, att.log_path,
                                      self.state_dir)
 
@@ -329,6 +352,7 @@ class Worker:
             elif timeout_s is not None and now - started >= timeout_s:
                 outcome = _Outcome.TIMEOUT
             elif now >= next_beat:
+                self._sample_vram(child)
                 outcome = self._beat(att)
                 next_beat = now + interval_s
             if outcome is not None:
@@ -336,6 +360,14 @@ class Worker:
                 return outcome
             self._wake.wait(CHILD_POLL_S)
         return _Outcome.EXITED
+
+    def _sample_vram(self, child: subprocess.Popen[bytes]) -> None:
+        """Keep the most GPU memory the trainer and its helpers have held (nvidia-smi)."""
+        if self.capability is None or not self.capability.cuda:
+            return
+        held = capability.processes_vram_gib(trainer_process.members(child))
+        if held is not None and held > (self._peak_vram_gib or 0.0):
+            self._peak_vram_gib = held
 
     def _beat(self, att: _Attempt) -> _Outcome | None:
         """One heartbeat; the outcome it forces, or None to keep training."""
@@ -345,6 +377,7 @@ class Worker:
                 att.lease,
                 progress=read_progress(att.progress_path),
                 log_tail=_tail(att.log_path, LOG_TAIL_BYTES),
+                peak_vram_gib=self._peak_vram_gib,
             )
         except LeaseLost:
             return _Outcome.FENCED
@@ -372,11 +405,18 @@ class Worker:
         trainer_process.signal_group(child, kill=True)
         child.wait()
 
-    def _report_failure(self, att: _Attempt, kind: str, error: str, retryable: bool) -> None:
-        """Send the log while the lease is surely current, then report the failed attempt."""
+    def _report_failure(
+        self, att: _Attempt, kind: str, error: str, retryable: bool,
+        diagnosis: Diagnosis | None = None,
+    ) -> None:
+        """Send the log while the lease is surely current, then report the failed attempt
+        with its diagnosis, which steers the receiver's retry."""
         self._upload_log(att.job_id, att.lease, att.attempt, att.log_path)
+        found = None if diagnosis is None else {
+            "cause": diagnosis.cause.value, "signature": diagnosis.signature,
+            "peak_vram_gib": self._peak_vram_gib}
         try:
-            job = self.client.fail(att.job_id, att.lease, error, retryable, kind)
+            job = self.client.fail(att.job_id, att.lease, error, retryable, kind, found)
         except LeaseLost:
             log.warning("job %s: lease lost; failure (%s) not recorded", att.short, kind)
         except TrainfleetError as exc:
@@ -529,6 +569,99 @@ def _prepare_run_dir(att: _Attempt, hyper: dict[str, Any]) -> None:
     att.out_dir.mkdir(parents=True)
     att.hyper_path.write_text(json.dumps(hyper, indent=2, sort_keys=True), encoding="utf-8")
     att.log_path.touch()
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """One slot of a host: one of its GPUs, or a CPU-only share of it."""
+
+    name: str  #: "gpu0", "cpu0": the suffix of the slot's worker id
+    gpu: Gpu | None  #: None: a CPU slot, whose trainer sees no GPU
+    visible_devices: str = ""  #: the trainer's CUDA_VISIBLE_DEVICES
+
+    def narrow(self, cap: Capability) -> Capability:
+        """The host's capability as this slot sees it: its own GPU only, or none."""
+        if self.gpu is None:
+            return dataclasses.replace(cap, cuda=False, gpus=())
+        return dataclasses.replace(cap, gpus=(self.gpu,))
+
+
+def plan_slots(
+    cap: Capability, slots: str, cpu_slots: int = 0, inherited_devices: str | None = None
+) -> list[SlotSpec]:
+    """`--slots auto|N` and `--cpu-slots K` as slots. auto: one per GPU; N: the first N
+    GPUs (N CPU slots on a host without CUDA); then K CPU-only slots.
+
+    `inherited_devices` is the worker's own CUDA_VISIBLE_DEVICES: GPU i of the capability
+    is its i-th entry, which is what the slot's trainer must be given."""
+    gpus = list(cap.gpus) if cap.cuda else []
+    if slots == "auto":
+        count = max(len(gpus), 1)
+    elif slots.isdigit() and int(slots) >= 1:
+        count = int(slots)
+    else:
+        raise TrainfleetError(f"--slots: expected auto or a number >= 1, got {slots!r}")
+    if gpus and count > len(gpus):
+        raise TrainfleetError(f"--slots: {count} slots, but this host has {len(gpus)} GPU(s)")
+    tokens = None if inherited_devices is None else [
+        token.strip() for token in inherited_devices.split(",")]
+    planned = [SlotSpec(f"gpu{g.index}", g, _device(g.index, tokens)) for g in gpus[:count]] \
+        if gpus else [SlotSpec(f"cpu{k}", None) for k in range(count)]
+    start = 0 if gpus else count
+    return planned + [SlotSpec(f"cpu{k}", None) for k in range(start, start + cpu_slots)]
+
+
+def _device(index: int, inherited: list[str] | None) -> str:
+    return inherited[index] if inherited is not None and index < len(inherited) else str(index)
+
+
+class SlotGroup:
+    """Several slots of one host in one daemon: each claims and runs on its own thread."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+
+    @classmethod
+    def build(
+        cls, settings: WorkerSettings, make_client: Callable[[], Client], cap: Capability,
+        plan: list[SlotSpec],
+    ) -> SlotGroup:
+        """One Worker per slot: worker id `<id>-<slot>`, its own state dir, its own GPU."""
+        state_dir = settings.state_dir.resolve()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        base_id = settings.worker_id or _load_worker_id(state_dir, cap.hostname)
+        workers = [
+            Worker(dataclasses.replace(
+                settings, worker_id=f"{base_id}-{spec.name}", slot=number,
+                state_dir=state_dir / "slots" / spec.name, visible_devices=spec.visible_devices,
+            ), make_client(), spec.narrow(cap))
+            for number, spec in enumerate(plan)
+        ]
+        return cls(workers)
+
+    def run(self) -> int:
+        """Run every slot until each stops; the worst exit code."""
+        codes: dict[int, int] = {}
+        threads = [threading.Thread(target=lambda n=n, w=w: codes.__setitem__(n, w.run()),
+                                    name=f"slot-{w.settings.slot}", daemon=True)
+                   for n, w in enumerate(self.workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():  # short joins, so the main thread still takes signals
+                thread.join(0.5)
+        return max(codes.values(), default=1)
+
+    def request_stop(self) -> None:
+        for worker in self.workers:
+            worker.request_stop()
+
+    def install_signal_handlers(self) -> None:
+        """Make SIGTERM/SIGINT stop every slot; main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("signal handlers can only be installed from the main thread")
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, lambda signum, frame: self.request_stop())
 
 
 def _load_worker_id(state_dir: Path, hostname: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -10,8 +11,9 @@ from typing import Any, Protocol
 
 from trainfleet.capability import Capability
 from trainfleet.errors import EnrollmentRefused
+from trainfleet.failures import Cause
 from trainfleet.manifest import Manifest
-from trainfleet.matching import Policy
+from trainfleet.matching import Policy, Slot
 from trainfleet.tokens import TokenKind, token_id
 
 
@@ -22,6 +24,8 @@ class Status(StrEnum):
     COMPLETED = "completed"  #: an artifact was accepted; terminal
     FAILED = "failed"  #: out of attempts, or failed without retry; requeue to try again
     CANCELLED = "cancelled"  #: stopped by an operator; requeue to try again
+    #: no worker ever seen can run it (its error says why); pending again once one can
+    UNSCHEDULABLE = "unschedulable"
 
 
 LIVE = (Status.CLAIMED, Status.RUNNING)
@@ -32,6 +36,31 @@ class FailureKind(StrEnum):
     TIMEOUT = "timeout"  #: the trainer ran past the job's timeout_s
     LOST_WORKER = "lost_worker"  #: no heartbeat within stale_after_s
     WORKER_SHUTDOWN = "worker_shutdown"  #: the worker was stopped; refunds the attempt
+    STALLED = "stalled"  #: heartbeats came, but progress did not move for stall_after_s
+
+
+#: Failures that are the training's own, counted against max_attempts.
+CHARGED = (FailureKind.TRAINER_ERROR, FailureKind.TIMEOUT, FailureKind.STALLED)
+
+
+def progress_moved(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> bool:
+    """Whether a heartbeat's progress moved the step or the fraction on (stall detection)."""
+    if new is None:
+        return False
+    before = old or {}
+    return (new.get("step"), new.get("fraction")) != (before.get("step"), before.get("fraction"))
+
+
+def stalled_error(row: Mapping[str, Any], idle_s: float) -> str:
+    """The error of a job failed as stalled, from its database row."""
+    progress = row["progress"]
+    if isinstance(progress, str):  # SQLite keeps JSON as text
+        progress = json.loads(progress)
+    where = "no progress reported" if not progress else "last progress: " + ", ".join(
+        f"{key} {progress[key]}" for key in ("step", "fraction", "message") if key in progress)
+    return (f"stalled: progress has not moved for {idle_s:.0f} s (stall_after_s "
+            f"{row['stall_after_s']:g}) while worker {row['worker_id']} kept heartbeating; "
+            f"{where}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +99,21 @@ class Job:
     created_at: float
     updated_at: float
     heartbeat_at: float | None
+    #: Raised after an out-of-memory failure (0: not raised); the declared values stay.
+    raised_vram_gib: float = 0.0
+    raised_ram_gib: float = 0.0
+    avoid_hosts: tuple[str, ...] = ()  #: hosts it failed on: the next attempt goes elsewhere
+    stall_after_s: float = 0.0  #: 0: never failed as stalled
+    progress_at: float | None = None  #: when this attempt's progress last moved (or began)
+
+    @property
+    def effective_vram_gib(self) -> float:
+        """What a slot must have: the declared min_vram_gib, or more after a CUDA OOM."""
+        return max(self.min_vram_gib, self.raised_vram_gib)
+
+    @property
+    def effective_ram_gib(self) -> float:
+        return max(self.min_ram_gib, self.raised_ram_gib)
 
     def to_dict(self) -> dict[str, Any]:
         # A shallow copy: asdict's recursive deep copy was a tenth of a claim's cost.
@@ -80,7 +124,37 @@ class Job:
         data["metrics"] = None if self.metrics is None else dict(self.metrics)
         data["train_hosts"] = list(self.train_hosts)
         data["allowed_hosts"] = list(self.allowed_hosts)
+        data["avoid_hosts"] = list(self.avoid_hosts)
+        data["effective_vram_gib"] = self.effective_vram_gib
+        data["effective_ram_gib"] = self.effective_ram_gib
         return data
+
+
+@dataclass(frozen=True)
+class JobNeeds:
+    """The hard constraints shared by a group of waiting jobs (matching.Needs)."""
+
+    model: str
+    require_cuda: bool
+    min_vram_gib: float
+    min_ram_gib: float
+    raised_vram_gib: float
+    raised_ram_gib: float
+    allowed_hosts: tuple[str, ...]
+
+    @property
+    def effective_vram_gib(self) -> float:
+        return max(self.min_vram_gib, self.raised_vram_gib)
+
+    @property
+    def effective_ram_gib(self) -> float:
+        return max(self.min_ram_gib, self.raised_ram_gib)
+
+
+@dataclass(frozen=True)
+class Rescheduled:
+    unschedulable: tuple[str, ...] = ()  #: jobs no worker seen can run, marked now
+    pending: tuple[str, ...] = ()  #: unschedulable jobs a worker seen can run now
 
 
 @dataclass(frozen=True)
@@ -121,6 +195,9 @@ class Attempt:
     ended_at: float | None
     outcome: str | None  #: completed, a FailureKind value, cancelled, or None while live
     error: str | None
+    cause: str | None = None  #: the worker's diagnosis (failures.Cause) of a failed attempt
+    signature: str | None = None  #: the normalised error line: equal on two hosts = same bug
+    peak_vram_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +211,20 @@ class WorkerInfo:
     last_seen: float
     alive: bool
     jobs: tuple[str, ...]
+    quarantined_until: float | None = None  #: its host claims nothing until then
+    quarantine_reason: str | None = None
+
+    @property
+    def quarantine(self) -> str | None:
+        """The host's quarantine as `why` words it, or None."""
+        if self.quarantined_until is None:
+            return None
+        return f"host quarantined until {_utc(self.quarantined_until)}: {self.quarantine_reason}"
+
+    def slot(self, quarantine: bool = True) -> Slot:
+        """The worker's slot for matching (with its host's quarantine unless told not to)."""
+        return Slot(self.capability, self.slot_vram_gib, self.policy,
+                    self.quarantine if quarantine else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -147,6 +238,8 @@ class WorkerInfo:
             "last_seen": self.last_seen,
             "alive": self.alive,
             "jobs": list(self.jobs),
+            "quarantined_until": self.quarantined_until,
+            "quarantine_reason": self.quarantine_reason,
         }
 
 
@@ -205,6 +298,13 @@ def _utc(at: float) -> str:
 
 
 @dataclass(frozen=True)
+class HostRelease:
+    hostname: str
+    was_until: float  #: the quarantine's end, before the release
+    reason: str
+
+
+@dataclass(frozen=True)
 class RevokeResult:
     hostname: str
     revoked: int  #: tokens and codes of the host made unusable
@@ -233,6 +333,8 @@ class JobQueue(Protocol):
         own_allow: tuple[str, ...] | None = None,
         own_deny: tuple[str, ...] = (),
         now: float | None = None,
+        *,
+        free_vram_gib: float | None = None,
     ) -> Claim | None: ...
     def heartbeat(
         self,
@@ -241,6 +343,8 @@ class JobQueue(Protocol):
         progress: Mapping[str, Any] | None = None,
         log_tail: str | None = None,
         now: float | None = None,
+        *,
+        peak_vram_gib: float | None = None,
     ) -> str: ...
     def complete(
         self,
@@ -258,6 +362,10 @@ class JobQueue(Protocol):
         retryable: bool = True,
         kind: FailureKind = FailureKind.TRAINER_ERROR,
         now: float | None = None,
+        *,
+        cause: Cause | None = None,
+        signature: str | None = None,
+        peak_vram_gib: float | None = None,
     ) -> Job: ...
     def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job: ...
     def attempt_lease_matches(self, job_id: str, attempt: int, lease: str) -> bool: ...
@@ -265,6 +373,19 @@ class JobQueue(Protocol):
     def cancel(self, job_id: str, now: float | None = None) -> Job: ...
     def requeue(self, job_id: str, now: float | None = None) -> Job: ...
     def sweep_stale(self, now: float | None = None, since: float = 0.0) -> list[str]: ...
+    # fail_stalled: a live job with stall_after_s > 0 whose worker still heartbeats (within
+    # stale_after_s) but whose progress has not moved for stall_after_s (never counting time
+    # before `since`) fails as STALLED, charged like a trainer error; its ids.
+    def fail_stalled(self, now: float | None = None, since: float = 0.0) -> list[str]: ...
+    # reschedule: a waiting job that no worker ever seen (alive or not) could run, by the hard
+    # constraints, becomes unschedulable with the reason as its error; an unschedulable one
+    # that one could run is pending again. sync_manifest does it too, and a claim makes the
+    # unschedulable jobs its slot can run pending before it picks.
+    def reschedule(self, now: float | None = None) -> Rescheduled: ...
+    # Host quarantine: fail quarantines a host whose last retry.QUARANTINE_AFTER attempts
+    # (since its last quarantine or release) failed on different jobs with the same cause;
+    # claims from it answer None until then. release_host lifts it (NotFound when none).
+    def release_host(self, hostname: str, now: float | None = None) -> HostRelease: ...
     def get(self, job_id: str) -> Job: ...
     def resolve(self, ref: str) -> str: ...
     def list_jobs(

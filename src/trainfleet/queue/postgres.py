@@ -32,27 +32,56 @@ from trainfleet.errors import (
     NotFound,
     TrainfleetError,
 )
+from trainfleet.failures import Cause
 from trainfleet.manifest import HostSpec, JobSpec, Manifest
+from trainfleet.queue import retry as retry_policy
 from trainfleet.queue.base import (
+    CHARGED,
     LIVE,
     Attempt,
     Claim,
     Event,
     FailureKind,
+    HostRelease,
     Job,
+    JobNeeds,
+    Rescheduled,
     RevokeResult,
     Status,
     SyncResult,
     TokenInfo,
     WorkerInfo,
     check_enroll_code,
+    progress_moved,
+    stalled_error,
 )
 from trainfleet.tokens import TokenKind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Upgrade steps: MIGRATIONS[v] is the SQL that takes schema v-1 to v. postgres.sql is
 #: always the newest schema, so a fresh database never runs these.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    2: """
+ALTER TABLE jobs ADD COLUMN raised_vram_gib float8 NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN raised_ram_gib float8 NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN avoid_hosts jsonb NOT NULL DEFAULT '[]';
+ALTER TABLE attempts ADD COLUMN cause text;
+ALTER TABLE attempts ADD COLUMN signature text;
+ALTER TABLE attempts ADD COLUMN peak_vram_gib float8;
+ALTER TABLE jobs ADD COLUMN stall_after_s float8 NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN progress_at float8;
+CREATE INDEX IF NOT EXISTS jobs_unschedulable ON jobs (job_id) WHERE status = 'unschedulable';
+CREATE INDEX IF NOT EXISTS attempts_host ON attempts (hostname, ended_at);
+-- Per-host scheduling state: a quarantine after repeated failures of one kind.
+CREATE TABLE IF NOT EXISTS hosts (
+    hostname          text COLLATE "C" PRIMARY KEY,
+    quarantined_until float8,                   -- NULL: not quarantined (or released)
+    quarantine_reason text,
+    quarantines       integer NOT NULL DEFAULT 0,  -- so far: each cool-off doubles
+    counts_since      float8 NOT NULL DEFAULT 0 -- attempts that ended earlier no longer count
+);
+""",
+}
 HEX = set("0123456789abcdef")
 ANALYZE_AFTER_ADDED = 500  #: a reload adding this many jobs refreshes the planner's statistics
 # pg_advisory_xact_lock keys: schema changes, and manifest syncs from several receivers.
@@ -81,20 +110,26 @@ ON CONFLICT (worker_id) DO UPDATE SET
 
 # The claim: one statement picks the best eligible pending job, skipping rows other claims
 # hold, and marks it claimed; the status test is repeated in the UPDATE itself. The hard
-# constraints and the prefer_cuda rule are matching.explain's, in SQL: a CPU slot may take a
-# prefer_cuda job only when it has waited prefer_wait_s, or when no live CUDA worker that
-# could run it has been seen within stale_after_s. A property test holds the two together.
+# constraints (on the job's effective memory needs) and the soft rules are matching.explain's,
+# in SQL: a CPU slot may take a prefer_cuda job only when it has waited prefer_wait_s, or when
+# no live CUDA worker that could run it has been seen within stale_after_s; a slot on a host
+# the job failed on may take it only after prefer_wait_s, or when no live worker on another
+# host could run it. A quarantined host claims nothing and counts as no place to go. A
+# property test holds the two together.
 CLAIM = """
 WITH picked AS (
     UPDATE jobs SET status = 'claimed', lease = %(lease)s, attempts = attempts + 1,
            worker_id = %(worker_id)s, hostname = %(hostname)s, claimed_at = %(now)s,
-           heartbeat_at = %(now)s, progress = NULL, log_tail = NULL, updated_at = %(now)s
+           heartbeat_at = %(now)s, progress = NULL, progress_at = %(now)s, log_tail = NULL,
+           updated_at = %(now)s
     WHERE job_id = (
         SELECT j.job_id FROM jobs AS j
         WHERE j.status = 'pending' AND NOT j.orphaned
+          AND NOT EXISTS (SELECT 1 FROM hosts AS h WHERE h.hostname = %(hostname)s
+                                                     AND h.quarantined_until > %(now)s)
           AND (NOT j.require_cuda OR %(cuda)s)
-          AND j.min_vram_gib <= %(vram)s
-          AND j.min_ram_gib <= %(ram)s
+          AND greatest(j.min_vram_gib, j.raised_vram_gib) <= %(vram)s
+          AND greatest(j.min_ram_gib, j.raised_ram_gib) <= %(ram)s
           AND (j.allowed_hosts = '[]' OR j.allowed_hosts ? %(hostname)s)
           AND (%(allow)s::text[] IS NULL OR j.model = ANY (%(allow)s::text[]))
           AND NOT (j.model = ANY (%(deny)s::text[]))
@@ -102,10 +137,26 @@ WITH picked AS (
                OR NOT EXISTS (
                    SELECT 1 FROM workers AS w
                    WHERE w.cuda AND w.last_seen >= %(now)s - %(stale_after_s)s
+                     AND NOT EXISTS (SELECT 1 FROM hosts AS h WHERE h.hostname = w.hostname
+                                                                AND h.quarantined_until > %(now)s)
                      AND (w.allow_jobs IS NULL OR w.allow_jobs ? j.model)
                      AND NOT (w.deny_jobs ? j.model)
-                     AND j.min_vram_gib <= w.slot_vram_gib
-                     AND j.min_ram_gib <= w.ram_gib
+                     AND greatest(j.min_vram_gib, j.raised_vram_gib) <= w.slot_vram_gib
+                     AND greatest(j.min_ram_gib, j.raised_ram_gib) <= w.ram_gib
+                     AND (j.allowed_hosts = '[]' OR j.allowed_hosts ? w.hostname)))
+          AND (NOT (j.avoid_hosts ? %(hostname)s)
+               OR %(now)s - j.pending_since >= j.prefer_wait_s
+               OR NOT EXISTS (
+                   SELECT 1 FROM workers AS w
+                   WHERE w.last_seen >= %(now)s - %(stale_after_s)s
+                     AND NOT (j.avoid_hosts ? w.hostname)
+                     AND NOT EXISTS (SELECT 1 FROM hosts AS h WHERE h.hostname = w.hostname
+                                                                AND h.quarantined_until > %(now)s)
+                     AND (NOT j.require_cuda OR w.cuda)
+                     AND (w.allow_jobs IS NULL OR w.allow_jobs ? j.model)
+                     AND NOT (w.deny_jobs ? j.model)
+                     AND greatest(j.min_vram_gib, j.raised_vram_gib) <= w.slot_vram_gib
+                     AND greatest(j.min_ram_gib, j.raised_ram_gib) <= w.ram_gib
                      AND (j.allowed_hosts = '[]' OR j.allowed_hosts ? w.hostname)))
         ORDER BY {order}
         LIMIT 1
@@ -123,6 +174,73 @@ WITH picked AS (
 )
 SELECT * FROM picked
 """
+# Before it picks, a claim makes the unschedulable jobs its slot can run pending again (the
+# hard constraints of CLAIM). Rows another transaction holds are left to it.
+RESTORE_FOR_SLOT = """
+WITH restored AS (
+    UPDATE jobs SET status = 'pending', error = NULL, updated_at = %(now)s
+    WHERE job_id IN (
+        SELECT j.job_id FROM jobs AS j
+        WHERE j.status = 'unschedulable' AND NOT j.orphaned
+          AND (NOT j.require_cuda OR %(cuda)s)
+          AND greatest(j.min_vram_gib, j.raised_vram_gib) <= %(vram)s
+          AND greatest(j.min_ram_gib, j.raised_ram_gib) <= %(ram)s
+          AND (j.allowed_hosts = '[]' OR j.allowed_hosts ? %(hostname)s)
+          AND (%(allow)s::text[] IS NULL OR j.model = ANY (%(allow)s::text[]))
+          AND NOT (j.model = ANY (%(deny)s::text[]))
+        ORDER BY j.job_id
+        FOR UPDATE SKIP LOCKED
+    ) AND status = 'unschedulable'
+    RETURNING job_id
+)
+INSERT INTO events (job_id, at, kind, worker_id)
+SELECT job_id, %(now)s, 'schedulable', %(worker_id)s FROM restored
+"""
+
+# A host's latest ended attempts since its last quarantine or release, newest first.
+HOST_RECENT_ATTEMPTS = """
+SELECT job_id, cause, signature FROM attempts
+WHERE hostname = %(hostname)s AND ended_at IS NOT NULL AND ended_at > %(since)s
+ORDER BY ended_at DESC, attempt DESC LIMIT %(k)s
+"""
+# Whether one of these signatures failed as an ordinary trainer error on another host too.
+SIGNATURE_ELSEWHERE = """
+SELECT EXISTS (SELECT 1 FROM attempts
+               WHERE hostname != %(hostname)s AND cause = 'trainer_error'
+                 AND signature = ANY (%(signatures)s::text[])) AS found
+"""
+QUARANTINE_HOST = """
+INSERT INTO hosts (hostname, quarantined_until, quarantine_reason, quarantines, counts_since)
+VALUES (%(hostname)s, %(until)s, %(reason)s, 1, %(now)s)
+ON CONFLICT (hostname) DO UPDATE SET
+    quarantined_until = excluded.quarantined_until,
+    quarantine_reason = excluded.quarantine_reason,
+    quarantines = hosts.quarantines + 1, counts_since = excluded.counts_since
+"""
+
+# Waiting jobs grouped by their hard constraints: schedulability is decided per group.
+NEEDS_GROUPS = """
+SELECT DISTINCT model, require_cuda, min_vram_gib, min_ram_gib, raised_vram_gib,
+       raised_ram_gib, allowed_hosts
+FROM jobs WHERE status IN ('pending', 'unschedulable') AND NOT orphaned
+"""
+# Move one group's jobs from %(old)s to %(new)s status (a NULL error makes them pending again).
+SET_SCHEDULABILITY = """
+UPDATE jobs SET status = %(new)s, error = %(error)s, updated_at = %(now)s
+WHERE job_id IN (
+    SELECT job_id FROM jobs
+    WHERE status = %(old)s AND NOT orphaned
+      AND (%(old)s != %(new)s OR error IS DISTINCT FROM %(error)s)
+      AND model = %(model)s AND require_cuda = %(require_cuda)s
+      AND min_vram_gib = %(min_vram_gib)s AND min_ram_gib = %(min_ram_gib)s
+      AND raised_vram_gib = %(raised_vram_gib)s AND raised_ram_gib = %(raised_ram_gib)s
+      AND allowed_hosts = %(allowed_hosts)s
+    ORDER BY job_id
+    FOR UPDATE SKIP LOCKED
+) AND status = %(old)s
+RETURNING job_id
+"""
+
 ORDER_CPU = "j.priority DESC, j.manifest_index"
 ORDER_CUDA = "j.priority DESC, j.prefer_cuda DESC, j.manifest_index"
 
@@ -165,18 +283,28 @@ WITH clock AS (
 SELECT job_id FROM swept ORDER BY job_id
 """
 
+# Live jobs whose worker heartbeats but whose progress has not moved for stall_after_s.
+STALLED_JOBS = """
+SELECT * FROM jobs
+WHERE status IN ('claimed', 'running') AND stall_after_s > 0
+  AND heartbeat_at >= %(now)s - %(stale_after_s)s
+  AND greatest(coalesce(progress_at, claimed_at), %(since)s) < %(now)s - stall_after_s
+ORDER BY job_id
+FOR UPDATE SKIP LOCKED
+"""
+
 LOCK_JOB = f"SELECT j.*, {CLOCK} AS clock FROM jobs AS j WHERE job_id = %(job_id)s FOR UPDATE"
 
 INSERT_JOB = """
 INSERT INTO jobs (job_id, name, model, mode, hyper, split_recipe, train_hosts, seed, priority,
                   require_cuda, prefer_cuda, min_vram_gib, min_ram_gib, allowed_hosts,
-                  max_attempts, max_lost, timeout_s, prefer_wait_s, manifest_index, status,
-                  pending_since, created_at, updated_at)
+                  max_attempts, max_lost, timeout_s, prefer_wait_s, stall_after_s,
+                  manifest_index, status, pending_since, created_at, updated_at)
 VALUES (%(job_id)s, %(name)s, %(model)s, %(mode)s, %(hyper)s, %(split_recipe)s,
         %(train_hosts)s, %(seed)s, %(priority)s, %(require_cuda)s, %(prefer_cuda)s,
         %(min_vram_gib)s, %(min_ram_gib)s, %(allowed_hosts)s, %(max_attempts)s, %(max_lost)s,
-        %(timeout_s)s, %(prefer_wait_s)s, %(manifest_index)s, 'pending', %(now)s, %(now)s,
-        %(now)s)
+        %(timeout_s)s, %(prefer_wait_s)s, %(stall_after_s)s, %(manifest_index)s, 'pending',
+        %(now)s, %(now)s, %(now)s)
 """
 
 # Constraints follow the manifest only while the job waits; its place in the manifest
@@ -186,7 +314,8 @@ UPDATE jobs SET name = %(name)s, priority = %(priority)s, require_cuda = %(requi
        prefer_cuda = %(prefer_cuda)s, min_vram_gib = %(min_vram_gib)s,
        min_ram_gib = %(min_ram_gib)s, allowed_hosts = %(allowed_hosts)s,
        max_attempts = %(max_attempts)s, max_lost = %(max_lost)s, timeout_s = %(timeout_s)s,
-       prefer_wait_s = %(prefer_wait_s)s, manifest_index = %(manifest_index)s,
+       stall_after_s = %(stall_after_s)s, prefer_wait_s = %(prefer_wait_s)s,
+       manifest_index = %(manifest_index)s,
        orphaned = false, updated_at = %(now)s
 WHERE job_id = %(job_id)s
 """
@@ -203,6 +332,28 @@ END_ATTEMPT = """
 UPDATE attempts SET ended_at = %s, outcome = %s, error = %s
 WHERE job_id = %s AND attempt = %s AND ended_at IS NULL
 """
+# The other hosts where this job's attempts since its last requeue ended as an ordinary
+# trainer error with the same signature.
+SAME_SIGNATURE_HOSTS = """
+SELECT DISTINCT hostname FROM attempts
+WHERE job_id = %(job_id)s AND signature = %(signature)s AND cause = 'trainer_error'
+  AND hostname != %(hostname)s
+  AND attempt > coalesce((SELECT max(attempt) FROM events
+                          WHERE job_id = %(job_id)s AND kind = 'requeued'), 0)
+ORDER BY hostname
+"""
+RECORD_PEAK = """
+UPDATE attempts SET peak_vram_gib = greatest(coalesce(peak_vram_gib, 0), %s)
+WHERE job_id = %s AND attempt = %s
+"""
+RECORD_DIAGNOSIS = """
+UPDATE attempts SET cause = %(cause)s, signature = %(signature)s,
+       peak_vram_gib = coalesce(%(peak)s, peak_vram_gib)
+WHERE job_id = %(job_id)s AND attempt = %(attempt)s
+"""
+FAILURE_SLOT = """
+SELECT ram_gib, slot_vram_gib FROM workers WHERE worker_id = %s
+"""
 FINISH = """
 UPDATE jobs SET status = %(status)s, lease = NULL, error = %(error)s,
        attempts_charged = %(charged)s, lost_count = %(lost)s,
@@ -215,7 +366,7 @@ REVIVE = """
 UPDATE jobs SET status = 'running', lease = %(lease)s, attempts = %(attempt)s,
        lost_count = greatest(lost_count - 1, 0), worker_id = %(worker_id)s,
        hostname = %(hostname)s, error = NULL, claimed_at = %(now)s, heartbeat_at = %(now)s,
-       updated_at = %(now)s
+       progress_at = %(now)s, updated_at = %(now)s
 WHERE job_id = %(job_id)s
 RETURNING *
 """
@@ -241,7 +392,7 @@ ORDER BY job_id FOR UPDATE
 # Fields whose change on reload counts as "updated" (while the job is pending).
 MUTABLE_FIELDS = (
     "name", "priority", "require_cuda", "prefer_cuda", "min_vram_gib", "min_ram_gib",
-    "allowed_hosts", "max_attempts", "max_lost", "timeout_s", "prefer_wait_s",
+    "allowed_hosts", "max_attempts", "max_lost", "timeout_s", "prefer_wait_s", "stall_after_s",
 )
 JSON_FIELDS = ("hyper", "train_hosts", "allowed_hosts")
 
@@ -267,6 +418,7 @@ def _spec_values(spec: JobSpec) -> dict[str, Any]:
         "max_lost": spec.max_lost,
         "timeout_s": float(spec.timeout_s),
         "prefer_wait_s": float(spec.prefer_wait_s),
+        "stall_after_s": float(spec.stall_after_s),
         "manifest_index": spec.manifest_index,
     }
 
@@ -314,7 +466,18 @@ def _job(row: Mapping[str, Any]) -> Job:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         heartbeat_at=row["heartbeat_at"],
+        raised_vram_gib=row["raised_vram_gib"],
+        raised_ram_gib=row["raised_ram_gib"],
+        avoid_hosts=tuple(row["avoid_hosts"]),
+        stall_after_s=row["stall_after_s"],
+        progress_at=row["progress_at"],
     )
+
+
+def _attempt(r: Mapping[str, Any]) -> Attempt:
+    return Attempt(r["job_id"], r["attempt"], r["worker_id"], r["hostname"], r["started_at"],
+                   r["ended_at"], r["outcome"], r["error"], r["cause"], r["signature"],
+                   r["peak_vram_gib"])
 
 
 def _token(row: Mapping[str, Any]) -> TokenInfo:
@@ -486,7 +649,7 @@ class PostgresQueue:
                 if old is None:
                     inserts.append(_params(values, now))
                     added += 1
-                elif old["status"] == Status.PENDING and (
+                elif old["status"] in (Status.PENDING, Status.UNSCHEDULABLE) and (
                     old["orphaned"] or any(old[f] != values[f] for f in MUTABLE_FIELDS)
                 ):
                     pending_updates.append(_params(values, now))
@@ -518,6 +681,7 @@ class PostgresQueue:
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (key, json.dumps(value, sort_keys=True)),
                 )
+            self._reschedule(conn, now)
         if added >= ANALYZE_AFTER_ADDED:
             # Fresh statistics, or the planner may take a bulk-loaded queue for a tiny one
             # and sort every pending job on each claim instead of walking the index.
@@ -535,8 +699,13 @@ class PostgresQueue:
         own_allow: tuple[str, ...] | None = None,
         own_deny: tuple[str, ...] = (),
         now: float | None = None,
+        *,
+        free_vram_gib: float | None = None,
     ) -> Claim | None:
-        """Atomically hand the best eligible pending job to this slot, or None."""
+        """Atomically hand the best eligible pending job to this slot, or None.
+
+        With `free_vram_gib`, the job must fit the slot's memory free now; the registry keeps
+        the slot's total, which is what the fleet's other rules go by."""
         vram = capability.max_vram_gib if slot_vram_gib is None else slot_vram_gib
         with self._connection() as conn:
             settings = conn.execute(SETTINGS, {"now": now}).fetchone()
@@ -556,12 +725,16 @@ class PostgresQueue:
                     "allow_json": None if allow is None else Jsonb(allow),
                     "deny_json": Jsonb(deny), "vram": vram, "now": now,
                 })
-                row = conn.execute(CLAIM.format(order=order), {
+                params = {
                     "lease": lease, "worker_id": worker_id, "hostname": capability.hostname,
                     "now": now, "cuda": capability.cuda, "vram": vram,
                     "ram": capability.ram_gib, "allow": allow, "deny": deny,
                     "stale_after_s": self.stale_after_s,
-                }).fetchone()
+                }
+                conn.execute(RESTORE_FOR_SLOT, params)
+                free = vram if free_vram_gib is None else min(vram, free_vram_gib)
+                row = conn.execute(CLAIM.format(order=order), {**params, "vram": free}
+                                   ).fetchone()
         if row is None:
             return None
         command = tuple(json.loads(settings["trainer"])) if settings["trainer"] else ()
@@ -580,8 +753,11 @@ class PostgresQueue:
         progress: Mapping[str, Any] | None = None,
         log_tail: str | None = None,
         now: float | None = None,
+        *,
+        peak_vram_gib: float | None = None,
     ) -> str:
-        """Record liveness and progress; "cancel" when an operator cancelled the job."""
+        """Record liveness and progress (and the attempt's peak VRAM); "cancel" when an
+        operator cancelled the job."""
         with self._tx() as conn:
             row = self._lock_job(conn, job_id, now)
             now = float(row["clock"])
@@ -589,16 +765,19 @@ class PostgresQueue:
                 if row["status"] == Status.CANCELLED:
                     return "cancel"
             row = self._live_row(conn, row, lease, now)
+            moved = progress_moved(row["progress"], progress)
             conn.execute(
                 "UPDATE jobs SET status = 'running', heartbeat_at = %s, updated_at = %s, "
-                "progress = coalesce(%s, progress), log_tail = coalesce(%s, log_tail) "
-                "WHERE job_id = %s",
+                "progress = coalesce(%s, progress), log_tail = coalesce(%s, log_tail), "
+                "progress_at = CASE WHEN %s THEN %s ELSE progress_at END WHERE job_id = %s",
                 (now, now, None if progress is None else Jsonb(dict(progress)), log_tail,
-                 job_id),
+                 moved, now, job_id),
             )
             conn.execute(
                 "UPDATE workers SET last_seen = %s WHERE worker_id = %s", (now, row["worker_id"])
             )
+            if peak_vram_gib is not None:
+                conn.execute(RECORD_PEAK, (peak_vram_gib, job_id, row["attempts"]))
             if row["status"] == Status.CLAIMED:
                 self._event(conn, job_id, "started", now, row["attempts"], row["worker_id"])
         return "continue"
@@ -643,18 +822,119 @@ class PostgresQueue:
         retryable: bool = True,
         kind: FailureKind = FailureKind.TRAINER_ERROR,
         now: float | None = None,
+        *,
+        cause: Cause | None = None,
+        signature: str | None = None,
+        peak_vram_gib: float | None = None,
     ) -> Job:
-        """End this attempt; the job goes back to pending while attempts remain."""
+        """End this attempt; the job goes back to pending while attempts remain.
+
+        A trainer's own failure (error or timeout) is charged, makes the next attempt avoid
+        this host, raises the job's memory needs after an out-of-memory, and fails the job
+        at once when another host already failed with the same error (retry.after_failure).
+        """
         with self._tx() as conn:
             row = self._lock_job(conn, job_id, now)
             now = float(row["clock"])
             row = self._live_row(conn, row, lease, now)
-            charged = row["attempts_charged"]
-            if kind in (FailureKind.TRAINER_ERROR, FailureKind.TIMEOUT):
-                charged += 1  # a stopped worker is not the training's fault
-            retry = retryable and charged < row["max_attempts"]
-            return _job(self._finish(conn, row, retry, kind.value, error, charged,
-                                     row["lost_count"], now))
+            return _job(self._fail_attempt(conn, row, error, retryable, kind, now, cause,
+                                           signature, peak_vram_gib))
+
+    def _fail_attempt(
+        self, conn: Conn, row: Mapping[str, Any], error: str, retryable: bool,
+        kind: FailureKind, now: float, cause: Cause | None = None,
+        signature: str | None = None, peak_vram_gib: float | None = None,
+    ) -> dict[str, Any]:
+        """End the live attempt of the locked `row` as failed, and learn from it (see fail);
+        the job's row after it."""
+        job_id = row["job_id"]
+        conn.execute(RECORD_DIAGNOSIS, {
+            "cause": None if cause is None else cause.value, "signature": signature,
+            "peak": peak_vram_gib, "job_id": job_id, "attempt": row["attempts"]})
+        charged = row["attempts_charged"]
+        if kind in CHARGED:
+            charged += 1  # a stopped worker is not the training's fault
+            failure = self._failure(conn, row, cause, signature, peak_vram_gib)
+            verdict = retry_policy.after_failure(
+                failure, row["raised_vram_gib"], row["raised_ram_gib"],
+                tuple(row["avoid_hosts"]), self._same_signature(conn, failure, row))
+            conn.execute(
+                "UPDATE jobs SET raised_vram_gib = %s, raised_ram_gib = %s, avoid_hosts = %s"
+                " WHERE job_id = %s",
+                (verdict.raised_vram_gib, verdict.raised_ram_gib,
+                 Jsonb(list(verdict.avoid_hosts)), job_id))
+            if verdict.code_bug:
+                retryable, error = False, f"{error}\n{verdict.code_bug}"  # shown: last line
+        retry = retryable and charged < row["max_attempts"]
+        done = self._finish(conn, row, retry, kind.value, error, charged, row["lost_count"],
+                            now)
+        if cause is not None:
+            self._maybe_quarantine(conn, row["hostname"], now)
+        return done
+
+    def fail_stalled(self, now: float | None = None, since: float = 0.0) -> list[str]:
+        """Fail live jobs whose worker heartbeats but whose progress stopped moving."""
+        with self._tx() as conn:
+            now = self._clock(conn, now)
+            rows = conn.execute(STALLED_JOBS, {"now": now, "since": since,
+                                               "stale_after_s": self.stale_after_s}).fetchall()
+            for row in rows:
+                idle_s = now - max(row["progress_at"] or row["claimed_at"], since)
+                self._fail_attempt(conn, row, stalled_error(row, idle_s), True,
+                                   FailureKind.STALLED, now)
+        return [row["job_id"] for row in rows]
+
+    def _maybe_quarantine(self, conn: Conn, hostname: str, now: float) -> None:
+        """Quarantine the host when its latest attempts failed alike on different jobs."""
+        host = conn.execute("SELECT * FROM hosts WHERE hostname = %s FOR UPDATE",
+                            (hostname,)).fetchone()
+        recent = [retry_policy.HostAttempt(r["job_id"], r["cause"], r["signature"])
+                  for r in conn.execute(HOST_RECENT_ATTEMPTS, {
+                      "hostname": hostname, "since": host["counts_since"] if host else -1.0,
+                      "k": retry_policy.QUARANTINE_AFTER}).fetchall()]
+        signatures = [a.signature for a in recent if a.signature]
+        found = conn.execute(SIGNATURE_ELSEWHERE, {"hostname": hostname,
+                                                   "signatures": signatures}).fetchone()
+        reason = retry_policy.quarantine_reason(recent, bool(found and found["found"]))
+        if reason is None:
+            return
+        until = now + retry_policy.cool_off_s(host["quarantines"] if host else 0)
+        conn.execute(QUARANTINE_HOST, {"hostname": hostname, "until": until, "reason": reason,
+                                       "now": now})
+
+    def release_host(self, hostname: str, now: float | None = None) -> HostRelease:
+        """Lift a host's quarantine; its earlier attempts no longer count towards another."""
+        with self._tx() as conn:
+            now = self._clock(conn, now)
+            host = conn.execute(
+                "SELECT * FROM hosts WHERE hostname = %s AND quarantined_until > %s FOR UPDATE",
+                (hostname, now)).fetchone()
+            if host is None:
+                raise NotFound(f"host {hostname!r} is not quarantined",
+                               detail={"hostname": hostname})
+            conn.execute("UPDATE hosts SET quarantined_until = NULL, counts_since = %s "
+                         "WHERE hostname = %s", (now, hostname))
+        return HostRelease(hostname, host["quarantined_until"], host["quarantine_reason"])
+
+    def _failure(
+        self, conn: Conn, row: Mapping[str, Any], cause: Cause | None, signature: str | None,
+        peak_vram_gib: float | None,
+    ) -> retry_policy.Failure:
+        """The failed attempt with what its slot had, from the worker's last claim."""
+        worker = conn.execute(FAILURE_SLOT, (row["worker_id"],)).fetchone()
+        return retry_policy.Failure(
+            cause, signature, row["hostname"], worker["slot_vram_gib"] if worker else 0.0,
+            worker["ram_gib"] if worker else 0.0, peak_vram_gib)
+
+    def _same_signature(
+        self, conn: Conn, failure: retry_policy.Failure, row: Mapping[str, Any]
+    ) -> tuple[str, ...]:
+        if not failure.signature:
+            return ()
+        found = conn.execute(SAME_SIGNATURE_HOSTS, {
+            "job_id": row["job_id"], "signature": failure.signature,
+            "hostname": failure.hostname}).fetchall()
+        return tuple(r["hostname"] for r in found)
 
     def _finish(
         self, conn: Conn, row: Mapping[str, Any], retry: bool, outcome: str, error: str,
@@ -681,6 +961,39 @@ class PostgresQueue:
                                         "stale_after_s": self.stale_after_s}).fetchall()
         return [row["job_id"] for row in rows]
 
+    def reschedule(self, now: float | None = None) -> Rescheduled:
+        """Mark waiting jobs no worker ever seen can run unschedulable, and back again."""
+        with self._tx() as conn:
+            return self._reschedule(conn, self._clock(conn, now))
+
+    def _reschedule(self, conn: Conn, now: float) -> Rescheduled:
+        seen = [matching.Slot(w.capability, w.slot_vram_gib, w.policy)
+                for w in self._workers(conn, now)]
+        marked: list[str] = []
+        restored: list[str] = []
+        for group in conn.execute(NEEDS_GROUPS).fetchall():
+            needs = JobNeeds(group["model"], group["require_cuda"], group["min_vram_gib"],
+                             group["min_ram_gib"], group["raised_vram_gib"],
+                             group["raised_ram_gib"], tuple(group["allowed_hosts"]))
+            reason = matching.unschedulable_reason(needs, seen)
+            params = {**group, "allowed_hosts": Jsonb(group["allowed_hosts"]), "error": reason,
+                      "now": now}
+            if reason is None:
+                restored += self._move(conn, params, Status.UNSCHEDULABLE, Status.PENDING)
+            else:
+                moved = self._move(conn, params, Status.PENDING, Status.UNSCHEDULABLE)
+                for job_id in moved:
+                    self._event(conn, job_id, "unschedulable", now, reason=reason)
+                marked += moved
+                self._move(conn, params, Status.UNSCHEDULABLE, Status.UNSCHEDULABLE)
+        for job_id in restored:
+            self._event(conn, job_id, "schedulable", now)
+        return Rescheduled(tuple(marked), tuple(restored))
+
+    def _move(self, conn: Conn, params: dict[str, Any], old: Status, new: Status) -> list[str]:
+        rows = conn.execute(SET_SCHEDULABILITY, {**params, "old": old.value, "new": new.value})
+        return [r["job_id"] for r in rows.fetchall()]
+
     def attempt_lease_matches(self, job_id: str, attempt: int, lease: str) -> bool:
         """Whether `lease` was handed out for that attempt (logs arrive after the attempt ends)."""
         with self._connection() as conn:
@@ -705,7 +1018,7 @@ class PostgresQueue:
         with self._tx() as conn:
             row = self._lock_job(conn, job_id, now)
             now = float(row["clock"])
-            if row["status"] not in (Status.PENDING, *LIVE):
+            if row["status"] not in (Status.PENDING, Status.UNSCHEDULABLE, *LIVE):
                 raise IllegalTransition(job_id, row["status"], "cancel")
             done = conn.execute(
                 "UPDATE jobs SET status = 'cancelled', error = 'cancelled by operator', "
@@ -727,8 +1040,8 @@ class PostgresQueue:
                 raise IllegalTransition(job_id, row["status"], "requeue")
             done = conn.execute(
                 "UPDATE jobs SET status = 'pending', lease = NULL, attempts_charged = 0, "
-                "lost_count = 0, error = NULL, progress = NULL, pending_since = %s, "
-                "updated_at = %s WHERE job_id = %s RETURNING *",
+                "lost_count = 0, error = NULL, progress = NULL, avoid_hosts = '[]', "
+                "pending_since = %s, updated_at = %s WHERE job_id = %s RETURNING *",
                 (now, now, job_id),
             ).fetchone()
             assert done is not None
@@ -794,25 +1107,26 @@ class PostgresQueue:
             rows = conn.execute(
                 "SELECT * FROM attempts WHERE job_id = %s ORDER BY attempt", (job_id,)
             ).fetchall()
-        return [
-            Attempt(r["job_id"], r["attempt"], r["worker_id"], r["hostname"], r["started_at"],
-                    r["ended_at"], r["outcome"], r["error"])
-            for r in rows
-        ]
+        return [_attempt(r) for r in rows]
 
     def workers(self, now: float | None = None) -> list[WorkerInfo]:
         with self._connection() as conn:
-            held: dict[str, list[str]] = {}
-            for r in conn.execute(
-                "SELECT worker_id, job_id FROM jobs WHERE status IN ('claimed', 'running') "
-                "ORDER BY job_id"
-            ):
-                held.setdefault(r["worker_id"], []).append(r["job_id"])
-            rows = conn.execute(
-                f"SELECT w.*, w.last_seen >= {CLOCK} - %(stale_after_s)s AS alive "
-                "FROM workers AS w ORDER BY hostname, worker_id",
-                {"now": now, "stale_after_s": self.stale_after_s},
-            ).fetchall()
+            return self._workers(conn, now)
+
+    def _workers(self, conn: Conn, now: float | None) -> list[WorkerInfo]:
+        held: dict[str, list[str]] = {}
+        for r in conn.execute(
+            "SELECT worker_id, job_id FROM jobs WHERE status IN ('claimed', 'running') "
+            "ORDER BY job_id"
+        ):
+            held.setdefault(r["worker_id"], []).append(r["job_id"])
+        rows = conn.execute(
+            f"SELECT w.*, w.last_seen >= {CLOCK} - %(stale_after_s)s AS alive, "
+            "h.quarantined_until, h.quarantine_reason FROM workers AS w "
+            f"LEFT JOIN hosts AS h ON h.hostname = w.hostname AND h.quarantined_until > {CLOCK} "
+            "ORDER BY w.hostname, w.worker_id",
+            {"now": now, "stale_after_s": self.stale_after_s},
+        ).fetchall()
         return [
             WorkerInfo(
                 worker_id=r["worker_id"], hostname=r["hostname"],
@@ -824,6 +1138,8 @@ class PostgresQueue:
                 slot_vram_gib=r["slot_vram_gib"], first_seen=r["first_seen"],
                 last_seen=r["last_seen"], alive=r["alive"],
                 jobs=tuple(held.get(r["worker_id"], ())),
+                quarantined_until=r["quarantined_until"],
+                quarantine_reason=r["quarantine_reason"],
             )
             for r in rows
         ]

@@ -1,4 +1,4 @@
--- trainfleet's PostgreSQL schema (schema_version 1). Timestamps are unix seconds (float8)
+-- trainfleet's PostgreSQL schema (schema_version 2). Timestamps are unix seconds (float8)
 -- read from the database clock. Ids are COLLATE "C" so prefix ranges work under any locale.
 CREATE TABLE IF NOT EXISTS meta (
     key   text PRIMARY KEY,
@@ -42,7 +42,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     claimed_at       float8,
     heartbeat_at     float8,
     created_at       float8 NOT NULL,
-    updated_at       float8 NOT NULL
+    updated_at       float8 NOT NULL,
+    raised_vram_gib  float8 NOT NULL DEFAULT 0,  -- after a CUDA OOM; effective = max(min, raised)
+    raised_ram_gib   float8 NOT NULL DEFAULT 0,  -- after a RAM OOM or a kill
+    avoid_hosts      jsonb NOT NULL DEFAULT '[]', -- hosts it failed on
+    stall_after_s    float8 NOT NULL DEFAULT 0,  -- 0: never failed as stalled
+    progress_at      float8                      -- when this attempt's progress last moved
 );
 
 -- The claim walks one of these in rank order, so its cost does not grow with depth.
@@ -56,6 +61,8 @@ CREATE INDEX IF NOT EXISTS jobs_live
     ON jobs (heartbeat_at)
     WHERE status IN ('claimed', 'running');
 CREATE INDEX IF NOT EXISTS jobs_name ON jobs (name);
+-- Each claim looks for unschedulable jobs its slot could run: usually none, found at once.
+CREATE INDEX IF NOT EXISTS jobs_unschedulable ON jobs (job_id) WHERE status = 'unschedulable';
 
 CREATE TABLE IF NOT EXISTS attempts (
     job_id     text COLLATE "C" NOT NULL,
@@ -67,6 +74,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     ended_at   float8,
     outcome    text,
     error      text,
+    cause      text,                            -- failures.Cause of a failed attempt
+    signature  text,                            -- its normalised error line
+    peak_vram_gib float8,
     PRIMARY KEY (job_id, attempt)
 );
 
@@ -80,6 +90,16 @@ CREATE TABLE IF NOT EXISTS events (
     detail    jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+CREATE INDEX IF NOT EXISTS attempts_host ON attempts (hostname, ended_at);
+
+-- Per-host scheduling state: a quarantine after repeated failures of one kind.
+CREATE TABLE IF NOT EXISTS hosts (
+    hostname          text COLLATE "C" PRIMARY KEY,
+    quarantined_until float8,                   -- NULL: not quarantined (or released)
+    quarantine_reason text,
+    quarantines       integer NOT NULL DEFAULT 0,  -- so far: each cool-off doubles
+    counts_since      float8 NOT NULL DEFAULT 0 -- attempts that ended earlier no longer count
+);
 
 -- cuda and ram_gib are kept as columns so the claim can apply the prefer_cuda rule in SQL.
 CREATE TABLE IF NOT EXISTS workers (

@@ -6,6 +6,7 @@ serialise on the write lock instead of failing with "database is locked".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import sqlite3
@@ -28,24 +29,45 @@ from trainfleet.errors import (
     NotFound,
     TrainfleetError,
 )
+from trainfleet.failures import Cause
 from trainfleet.manifest import HostSpec, JobSpec, Manifest
+from trainfleet.queue import retry as retry_policy
 from trainfleet.queue.base import (
+    CHARGED,
     LIVE,
     Attempt,
     Claim,
     Event,
     FailureKind,
+    HostRelease,
     Job,
+    JobNeeds,
+    Rescheduled,
     RevokeResult,
     Status,
     SyncResult,
     TokenInfo,
     WorkerInfo,
     check_enroll_code,
+    progress_moved,
+    stalled_error,
 )
 from trainfleet.tokens import TokenKind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Upgrade steps: MIGRATIONS[v] takes schema v-1 to v. sqlite.sql is always the newest schema.
+MIGRATIONS: dict[int, str] = {
+    2: """
+ALTER TABLE jobs ADD COLUMN raised_vram_gib REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN raised_ram_gib REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN avoid_hosts TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE attempts ADD COLUMN cause TEXT;
+ALTER TABLE attempts ADD COLUMN signature TEXT;
+ALTER TABLE attempts ADD COLUMN peak_vram_gib REAL;
+ALTER TABLE jobs ADD COLUMN stall_after_s REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN progress_at REAL;
+""",
+}
 HEX = set("0123456789abcdef")
 
 # Hard constraints as SQL; matching.explain is applied to each candidate as well,
@@ -54,8 +76,8 @@ CLAIM_CANDIDATES = """
 SELECT * FROM jobs INDEXED BY {index}
 WHERE status = 'pending' AND orphaned = 0
   AND (require_cuda = 0 OR :cuda = 1)
-  AND min_vram_gib <= :vram
-  AND min_ram_gib <= :ram
+  AND max(min_vram_gib, raised_vram_gib) <= :vram
+  AND max(min_ram_gib, raised_ram_gib) <= :ram
   AND (allowed_hosts = '[]'
        OR EXISTS (SELECT 1 FROM json_each(jobs.allowed_hosts) WHERE value = :hostname))
   AND (:allow IS NULL OR model IN (SELECT value FROM json_each(:allow)))
@@ -69,7 +91,7 @@ MARK_CLAIMED = """
 UPDATE jobs SET status = 'claimed', lease = :lease, attempts = attempts + 1,
        worker_id = :worker_id,
        hostname = :hostname, claimed_at = :now, heartbeat_at = :now, progress = NULL,
-       log_tail = NULL, updated_at = :now
+       progress_at = :now, log_tail = NULL, updated_at = :now
 WHERE job_id = :job_id AND status = 'pending'
 """
 
@@ -86,12 +108,12 @@ ON CONFLICT (worker_id) DO UPDATE SET
 INSERT_JOB = """
 INSERT INTO jobs (job_id, name, model, mode, hyper, split_recipe, train_hosts, seed, priority,
                   require_cuda, prefer_cuda, min_vram_gib, min_ram_gib, allowed_hosts,
-                  max_attempts, max_lost, timeout_s, prefer_wait_s, manifest_index, status,
-                  pending_since, created_at, updated_at)
+                  max_attempts, max_lost, timeout_s, prefer_wait_s, stall_after_s,
+                  manifest_index, status, pending_since, created_at, updated_at)
 VALUES (:job_id, :name, :model, :mode, :hyper, :split_recipe, :train_hosts, :seed, :priority,
         :require_cuda, :prefer_cuda, :min_vram_gib, :min_ram_gib, :allowed_hosts,
-        :max_attempts, :max_lost, :timeout_s, :prefer_wait_s, :manifest_index, 'pending',
-        :now, :now, :now)
+        :max_attempts, :max_lost, :timeout_s, :prefer_wait_s, :stall_after_s,
+        :manifest_index, 'pending', :now, :now, :now)
 """
 
 # Constraints follow the manifest only while the job waits; its place in the
@@ -100,7 +122,7 @@ UPDATE_PENDING_JOB = """
 UPDATE jobs SET name = :name, priority = :priority, require_cuda = :require_cuda,
        prefer_cuda = :prefer_cuda, min_vram_gib = :min_vram_gib, min_ram_gib = :min_ram_gib,
        allowed_hosts = :allowed_hosts, max_attempts = :max_attempts, max_lost = :max_lost,
-       timeout_s = :timeout_s,
+       timeout_s = :timeout_s, stall_after_s = :stall_after_s,
        prefer_wait_s = :prefer_wait_s, manifest_index = :manifest_index, orphaned = 0,
        updated_at = :now
 WHERE job_id = :job_id
@@ -123,21 +145,106 @@ HOST_LIVE_JOBS = """
 SELECT * FROM jobs WHERE status IN ('claimed', 'running') AND hostname = :hostname
 """
 
+# Live jobs whose worker heartbeats but whose progress has not moved for stall_after_s.
+STALLED_JOBS = """
+SELECT * FROM jobs
+WHERE status IN ('claimed', 'running') AND stall_after_s > 0
+  AND heartbeat_at >= :now - :stale_after_s
+  AND max(coalesce(progress_at, claimed_at), :since) < :now - stall_after_s
+ORDER BY job_id
+"""
+
 STALE_JOBS = """
 SELECT job_id FROM jobs
 WHERE status IN ('claimed', 'running') AND max(heartbeat_at, :since) < :cutoff
 """
 
+# The other hosts where this job's attempts since its last requeue ended as an ordinary
+# trainer error with the same signature.
+SAME_SIGNATURE_HOSTS = """
+SELECT DISTINCT hostname FROM attempts
+WHERE job_id = :job_id AND signature = :signature AND cause = 'trainer_error'
+  AND hostname != :hostname
+  AND attempt > coalesce((SELECT max(attempt) FROM events
+                          WHERE job_id = :job_id AND kind = 'requeued'), 0)
+ORDER BY hostname
+"""
+RECORD_PEAK = """
+UPDATE attempts SET peak_vram_gib = max(coalesce(peak_vram_gib, 0), ?)
+WHERE job_id = ? AND attempt = ?
+"""
+RECORD_DIAGNOSIS = """
+UPDATE attempts SET cause = :cause, signature = :signature,
+       peak_vram_gib = coalesce(:peak, peak_vram_gib)
+WHERE job_id = :job_id AND attempt = :attempt
+"""
+
+# Unschedulable jobs this slot can run (the hard constraints of CLAIM_CANDIDATES).
+RESTORE_FOR_SLOT = """
+UPDATE jobs SET status = 'pending', error = NULL, updated_at = :now
+WHERE status = 'unschedulable' AND orphaned = 0
+  AND (require_cuda = 0 OR :cuda = 1)
+  AND max(min_vram_gib, raised_vram_gib) <= :vram
+  AND max(min_ram_gib, raised_ram_gib) <= :ram
+  AND (allowed_hosts = '[]'
+       OR EXISTS (SELECT 1 FROM json_each(jobs.allowed_hosts) WHERE value = :hostname))
+  AND (:allow IS NULL OR model IN (SELECT value FROM json_each(:allow)))
+  AND model NOT IN (SELECT value FROM json_each(:deny))
+RETURNING job_id
+"""
+
+# A host's latest ended attempts since its last quarantine or release, newest first.
+HOST_RECENT_ATTEMPTS = """
+SELECT job_id, cause, signature FROM attempts
+WHERE hostname = :hostname AND ended_at IS NOT NULL AND ended_at > :since
+ORDER BY ended_at DESC, attempt DESC LIMIT :k
+"""
+# Whether one of these signatures failed as an ordinary trainer error on another host too.
+SIGNATURE_ELSEWHERE = """
+SELECT EXISTS (SELECT 1 FROM attempts
+               WHERE hostname != :hostname AND cause = 'trainer_error'
+                 AND signature IN (SELECT value FROM json_each(:signatures)))
+"""
+QUARANTINE_HOST = """
+INSERT INTO hosts (hostname, quarantined_until, quarantine_reason, quarantines, counts_since)
+VALUES (:hostname, :until, :reason, 1, :now)
+ON CONFLICT (hostname) DO UPDATE SET
+    quarantined_until = excluded.quarantined_until,
+    quarantine_reason = excluded.quarantine_reason,
+    quarantines = hosts.quarantines + 1, counts_since = excluded.counts_since
+"""
+QUARANTINED = """
+SELECT * FROM hosts WHERE hostname = :hostname AND quarantined_until > :now
+"""
+
+# Waiting jobs grouped by their hard constraints: schedulability is decided per group.
+NEEDS_GROUPS = """
+SELECT DISTINCT model, require_cuda, min_vram_gib, min_ram_gib, raised_vram_gib,
+       raised_ram_gib, allowed_hosts
+FROM jobs WHERE status IN ('pending', 'unschedulable') AND orphaned = 0
+"""
+# Move one group's jobs from :old to :new status (a NULL :error makes them pending again).
+SET_SCHEDULABILITY = """
+UPDATE jobs SET status = :new, error = :error, updated_at = :now
+WHERE status = :old AND orphaned = 0 AND (:old != :new OR error IS NOT :error)
+  AND model = :model AND require_cuda = :require_cuda
+  AND min_vram_gib = :min_vram_gib AND min_ram_gib = :min_ram_gib
+  AND raised_vram_gib = :raised_vram_gib AND raised_ram_gib = :raised_ram_gib
+  AND allowed_hosts = :allowed_hosts
+RETURNING job_id
+"""
+
 # Waiting jobs whose budget a reload lowered below what they already used.
 SPENT_PENDING_JOBS = """
 SELECT * FROM jobs
-WHERE status = 'pending' AND (attempts_charged >= max_attempts OR lost_count >= max_lost)
+WHERE status IN ('pending', 'unschedulable')
+  AND (attempts_charged >= max_attempts OR lost_count >= max_lost)
 """
 
 # Fields whose change on reload counts as "updated" (while the job is pending).
 MUTABLE_FIELDS = (
     "name", "priority", "require_cuda", "prefer_cuda", "min_vram_gib", "min_ram_gib",
-    "allowed_hosts", "max_attempts", "max_lost", "timeout_s", "prefer_wait_s",
+    "allowed_hosts", "max_attempts", "max_lost", "timeout_s", "prefer_wait_s", "stall_after_s",
 )
 
 
@@ -165,7 +272,19 @@ def _spec_row(spec: JobSpec) -> dict[str, Any]:
         "max_lost": spec.max_lost,
         "timeout_s": spec.timeout_s,
         "prefer_wait_s": spec.prefer_wait_s,
+        "stall_after_s": spec.stall_after_s,
         "manifest_index": spec.manifest_index,
+    }
+
+
+def _slot_params(slot: matching.Slot) -> dict[str, Any]:
+    """A slot as the parameters of the claim's hard constraints."""
+    allow = slot.policy.allow
+    return {
+        "cuda": int(slot.cuda), "vram": slot.vram_gib, "ram": slot.capability.ram_gib,
+        "hostname": slot.hostname,
+        "allow": None if allow is None else _dumps(sorted(allow)),
+        "deny": _dumps(sorted(slot.policy.deny)),
     }
 
 
@@ -217,7 +336,18 @@ def _job(row: sqlite3.Row) -> Job:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         heartbeat_at=row["heartbeat_at"],
+        raised_vram_gib=row["raised_vram_gib"],
+        raised_ram_gib=row["raised_ram_gib"],
+        avoid_hosts=tuple(json.loads(row["avoid_hosts"])),
+        stall_after_s=row["stall_after_s"],
+        progress_at=row["progress_at"],
     )
+
+
+def _attempt(r: sqlite3.Row) -> Attempt:
+    return Attempt(r["job_id"], r["attempt"], r["worker_id"], r["hostname"], r["started_at"],
+                   r["ended_at"], r["outcome"], r["error"], r["cause"], r["signature"],
+                   r["peak_vram_gib"])
 
 
 class SqliteQueue:
@@ -237,7 +367,8 @@ class SqliteQueue:
         )
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute(f"PRAGMA synchronous = {synchronous}")
+        self._synchronous = synchronous.upper()
+        self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
         self._db.execute("PRAGMA busy_timeout = 60000")
         self._migrate()
         self._hosts: dict[str, HostSpec] = self._load_hosts()
@@ -249,16 +380,27 @@ class SqliteQueue:
         return time.time()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: BEGIN IMMEDIATE takes the write lock up front."""
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE takes the write lock up front.
+
+        `durable=False` commits without an fsync (synchronous=NORMAL, for heartbeats): a
+        power cut may lose it, a process crash may not, and the next durable commit
+        syncs it anyway.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable and self._synchronous != "NORMAL":
+                self._db.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable and self._synchronous != "NORMAL":
+                    self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
 
     def _migrate(self) -> None:
         schema = resources.files("trainfleet.queue").joinpath("sqlite.sql").read_text()
@@ -275,6 +417,16 @@ class SqliteQueue:
                     f"{self.path}: schema version {row['value']} is newer than this release "
                     f"reads ({SCHEMA_VERSION}); upgrade trainfleet"
                 )
+            else:
+                self._upgrade(int(row["value"]))
+
+    def _upgrade(self, version: int) -> None:
+        """Bring an older schema up to date, one step per transaction."""
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; {MIGRATIONS[step]} UPDATE meta SET value = '{step}' "
+                "WHERE key = 'schema_version'; COMMIT;"
+            )
 
     def _load_hosts(self) -> dict[str, HostSpec]:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'hosts'").fetchone()
@@ -340,8 +492,8 @@ class SqliteQueue:
         db.execute(
             "UPDATE jobs SET status = 'running', lease = ?, attempts = ?, "
             "lost_count = max(lost_count - 1, 0), worker_id = ?, hostname = ?, error = NULL, "
-            "claimed_at = ?, heartbeat_at = ?, updated_at = ? WHERE job_id = ?",
-            (lease, attempt, last["worker_id"], last["hostname"], now, now, now,
+            "claimed_at = ?, heartbeat_at = ?, progress_at = ?, updated_at = ? WHERE job_id = ?",
+            (lease, attempt, last["worker_id"], last["hostname"], now, now, now, now,
              row["job_id"]),
         )
         db.execute(
@@ -401,7 +553,7 @@ class SqliteQueue:
                 if old is None:
                     inserts.append({**row, "now": now})
                     added += 1
-                elif old["status"] == Status.PENDING and (
+                elif old["status"] in (Status.PENDING, Status.UNSCHEDULABLE) and (
                     old["orphaned"] or any(old[f] != row[f] for f in MUTABLE_FIELDS)
                 ):
                     pending_updates.append({**row, "now": now})
@@ -430,8 +582,44 @@ class SqliteQueue:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (_dumps(hosts),),
             )
+            self._reschedule(db, now)
         self._hosts = dict(manifest.hosts)
         return SyncResult(added, updated, unchanged, len(gone))
+
+    def reschedule(self, now: float | None = None) -> Rescheduled:
+        """Mark waiting jobs no worker ever seen can run unschedulable, and back again."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            return self._reschedule(db, now)
+
+    def _reschedule(self, db: sqlite3.Connection, now: float) -> Rescheduled:
+        seen = [matching.Slot(w.capability, w.slot_vram_gib, w.policy)
+                for w in self._workers(db, now)]
+        marked: list[str] = []
+        restored: list[str] = []
+        for group in db.execute(NEEDS_GROUPS).fetchall():
+            needs = JobNeeds(group["model"], bool(group["require_cuda"]), group["min_vram_gib"],
+                             group["min_ram_gib"], group["raised_vram_gib"],
+                             group["raised_ram_gib"], tuple(json.loads(group["allowed_hosts"])))
+            reason = matching.unschedulable_reason(needs, seen)
+            params = {**dict(group), "error": reason, "now": now}
+            if reason is None:
+                restored += self._move(db, params, Status.UNSCHEDULABLE, Status.PENDING)
+            else:
+                moved = self._move(db, params, Status.PENDING, Status.UNSCHEDULABLE)
+                for job_id in moved:
+                    self._event(db, job_id, "unschedulable", now, reason=reason)
+                marked += moved
+                self._move(db, params, Status.UNSCHEDULABLE, Status.UNSCHEDULABLE)  # new reason
+        for job_id in restored:
+            self._event(db, job_id, "schedulable", now)
+        return Rescheduled(tuple(marked), tuple(restored))
+
+    def _move(
+        self, db: sqlite3.Connection, params: dict[str, Any], old: Status, new: Status
+    ) -> list[str]:
+        rows = db.execute(SET_SCHEDULABILITY, {**params, "old": old.value, "new": new.value})
+        return [r["job_id"] for r in rows.fetchall()]
 
     # -- the worker's calls -----------------------------------------------
 
@@ -443,15 +631,27 @@ class SqliteQueue:
         own_allow: tuple[str, ...] | None = None,
         own_deny: tuple[str, ...] = (),
         now: float | None = None,
+        *,
+        free_vram_gib: float | None = None,
     ) -> Claim | None:
-        """Atomically hand the best eligible pending job to this slot, or None."""
+        """Atomically hand the best eligible pending job to this slot, or None.
+
+        With `free_vram_gib`, the job must fit the slot's memory free now; the registry keeps
+        the slot's total, which is what the fleet's other rules go by."""
         now = time.time() if now is None else now
         vram = capability.max_vram_gib if slot_vram_gib is None else slot_vram_gib
         policy = matching.merge_policy(self._hosts.get(capability.hostname), own_allow, own_deny)
         slot = matching.Slot(capability, vram, policy)
         with self._write() as db:
             self._register(db, worker_id, slot, now)
-            row = self._pick(db, slot, now)
+            if db.execute(QUARANTINED, {"hostname": slot.hostname, "now": now}).fetchone():
+                return None
+            for restored in db.execute(RESTORE_FOR_SLOT, {**_slot_params(slot), "now": now}
+                                       ).fetchall():
+                self._event(db, restored["job_id"], "schedulable", now, worker_id=worker_id)
+            free = slot if free_vram_gib is None else dataclasses.replace(
+                slot, vram_gib=min(slot.vram_gib, free_vram_gib))
+            row = self._pick(db, free, now)
             if row is None:
                 return None
             lease = secrets.token_hex(16)
@@ -487,28 +687,19 @@ class SqliteQueue:
         """Walk candidates in rank order; the first that matching accepts wins."""
         index, order = ("jobs_pending_cuda", ORDER_CUDA) if slot.cuda else (
             "jobs_pending_cpu", ORDER_CPU)
-        allow = slot.policy.allow
-        params = {
-            "cuda": int(slot.cuda), "vram": slot.vram_gib, "ram": slot.capability.ram_gib,
-            "hostname": slot.hostname,
-            "allow": None if allow is None else _dumps(sorted(allow)),
-            "deny": _dumps(sorted(slot.policy.deny)),
-        }
-        cuda_slots: list[matching.Slot] | None = None
+        params = _slot_params(slot)
+        live: list[matching.Slot] | None = None
         for row in db.execute(CLAIM_CANDIDATES.format(index=index, order=order), params):
             job = _job(row)
-            if job.prefer_cuda and not slot.cuda and cuda_slots is None:
-                cuda_slots = self._live_cuda_slots(db, now)
-            if matching.is_eligible(job, slot, cuda_slots or (), now - job.pending_since):
+            soft = (job.prefer_cuda and not slot.cuda) or slot.hostname in job.avoid_hosts
+            if soft and live is None:  # only the soft rules look at the rest of the fleet
+                live = self._live_slots(db, now)
+            if matching.is_eligible(job, slot, live or (), now - job.pending_since):
                 return cast(sqlite3.Row, row)
         return None
 
-    def _live_cuda_slots(self, db: sqlite3.Connection, now: float) -> list[matching.Slot]:
-        return [
-            matching.Slot(w.capability, w.slot_vram_gib, w.policy)
-            for w in self._workers(db, now)
-            if w.alive and w.capability.cuda
-        ]
+    def _live_slots(self, db: sqlite3.Connection, now: float) -> list[matching.Slot]:
+        return [w.slot() for w in self._workers(db, now) if w.alive]
 
     def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job:
         """The job, if `lease` is its current live lease (or revivable); LeaseLost otherwise."""
@@ -523,25 +714,31 @@ class SqliteQueue:
         progress: Mapping[str, Any] | None = None,
         log_tail: str | None = None,
         now: float | None = None,
+        *,
+        peak_vram_gib: float | None = None,
     ) -> str:
-        """Record liveness and progress; "cancel" when an operator cancelled the job."""
+        """Record liveness and progress (and the attempt's peak VRAM); "cancel" when an
+        operator cancelled the job."""
         now = time.time() if now is None else now
-        with self._write() as db:
+        with self._write(durable=False) as db:
             row = self._row(db, job_id)
             if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
                 if row["status"] == Status.CANCELLED:
                     return "cancel"
             row = self._live_row(db, job_id, lease, now)
+            moved = progress_moved(_loads(row["progress"]), progress)
             db.execute(
                 "UPDATE jobs SET status = 'running', heartbeat_at = ?, updated_at = ?, "
-                "progress = coalesce(?, progress), log_tail = coalesce(?, log_tail) "
-                "WHERE job_id = ?",
+                "progress = coalesce(?, progress), log_tail = coalesce(?, log_tail), "
+                "progress_at = CASE WHEN ? THEN ? ELSE progress_at END WHERE job_id = ?",
                 (now, now, None if progress is None else _dumps(dict(progress)), log_tail,
-                 job_id),
+                 moved, now, job_id),
             )
             db.execute(
                 "UPDATE workers SET last_seen = ? WHERE worker_id = ?", (now, row["worker_id"])
             )
+            if peak_vram_gib is not None:
+                db.execute(RECORD_PEAK, (peak_vram_gib, job_id, row["attempts"]))
             if row["status"] == Status.CLAIMED:
                 self._event(db, job_id, "started", now, row["attempts"], row["worker_id"])
         return "continue"
@@ -585,17 +782,103 @@ class SqliteQueue:
         retryable: bool = True,
         kind: FailureKind = FailureKind.TRAINER_ERROR,
         now: float | None = None,
+        *,
+        cause: Cause | None = None,
+        signature: str | None = None,
+        peak_vram_gib: float | None = None,
     ) -> Job:
-        """End this attempt; the job goes back to pending while attempts remain."""
+        """End this attempt; the job goes back to pending while attempts remain.
+
+        A trainer's own failure (error or timeout) is charged, makes the next attempt avoid
+        this host, raises the job's memory needs after an out-of-memory, and fails the job
+        at once when another host already failed with the same error (retry.after_failure).
+        """
         now = time.time() if now is None else now
         with self._write() as db:
             row = self._live_row(db, job_id, lease, now)
-            charged = row["attempts_charged"]
-            if kind in (FailureKind.TRAINER_ERROR, FailureKind.TIMEOUT):
-                charged += 1  # a stopped worker is not the training's fault
-            retry = retryable and charged < row["max_attempts"]
-            self._finish(db, row, retry, kind.value, error, charged, row["lost_count"], now)
+            self._fail_attempt(db, row, error, retryable, kind, now, cause, signature,
+                               peak_vram_gib)
             return _job(self._row(db, job_id))
+
+    def _fail_attempt(
+        self, db: sqlite3.Connection, row: sqlite3.Row, error: str, retryable: bool,
+        kind: FailureKind, now: float, cause: Cause | None = None,
+        signature: str | None = None, peak_vram_gib: float | None = None,
+    ) -> None:
+        """End the live attempt of `row` as failed, and learn from it (see fail)."""
+        job_id = row["job_id"]
+        db.execute(RECORD_DIAGNOSIS, {
+            "cause": None if cause is None else cause.value, "signature": signature,
+            "peak": peak_vram_gib, "job_id": job_id, "attempt": row["attempts"]})
+        charged = row["attempts_charged"]
+        if kind in CHARGED:
+            charged += 1  # a stopped worker is not the training's fault
+            failure = self._failure(db, row, cause, signature, peak_vram_gib)
+            verdict = retry_policy.after_failure(
+                failure, row["raised_vram_gib"], row["raised_ram_gib"],
+                tuple(json.loads(row["avoid_hosts"])), self._same_signature(db, failure, row))
+            db.execute(
+                "UPDATE jobs SET raised_vram_gib = ?, raised_ram_gib = ?, avoid_hosts = ? "
+                "WHERE job_id = ?",
+                (verdict.raised_vram_gib, verdict.raised_ram_gib,
+                 _dumps(list(verdict.avoid_hosts)), job_id))
+            if verdict.code_bug:
+                retryable, error = False, f"{error}\n{verdict.code_bug}"  # shown: last line
+        retry = retryable and charged < row["max_attempts"]
+        self._finish(db, row, retry, kind.value, error, charged, row["lost_count"], now)
+        if cause is not None:
+            self._maybe_quarantine(db, row["hostname"], now)
+
+    def _maybe_quarantine(self, db: sqlite3.Connection, hostname: str, now: float) -> None:
+        """Quarantine the host when its latest attempts failed alike on different jobs."""
+        host = db.execute("SELECT * FROM hosts WHERE hostname = ?", (hostname,)).fetchone()
+        recent = [retry_policy.HostAttempt(r["job_id"], r["cause"], r["signature"])
+                  for r in db.execute(HOST_RECENT_ATTEMPTS, {
+                      "hostname": hostname, "since": host["counts_since"] if host else -1.0,
+                      "k": retry_policy.QUARANTINE_AFTER})]
+        signatures = [a.signature for a in recent if a.signature]
+        elsewhere = bool(signatures) and bool(db.execute(SIGNATURE_ELSEWHERE, {
+            "hostname": hostname, "signatures": _dumps(signatures)}).fetchone()[0])
+        reason = retry_policy.quarantine_reason(recent, elsewhere)
+        if reason is None:
+            return
+        until = now + retry_policy.cool_off_s(host["quarantines"] if host else 0)
+        db.execute(QUARANTINE_HOST, {"hostname": hostname, "until": until, "reason": reason,
+                                     "now": now})
+
+    def release_host(self, hostname: str, now: float | None = None) -> HostRelease:
+        """Lift a host's quarantine; its earlier attempts no longer count towards another."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            host = db.execute(QUARANTINED, {"hostname": hostname, "now": now}).fetchone()
+            if host is None:
+                raise NotFound(f"host {hostname!r} is not quarantined",
+                               detail={"hostname": hostname})
+            db.execute("UPDATE hosts SET quarantined_until = NULL, counts_since = ? "
+                       "WHERE hostname = ?", (now, hostname))
+        return HostRelease(hostname, host["quarantined_until"], host["quarantine_reason"])
+
+    def _failure(
+        self, db: sqlite3.Connection, row: sqlite3.Row, cause: Cause | None,
+        signature: str | None, peak_vram_gib: float | None,
+    ) -> retry_policy.Failure:
+        """The failed attempt with what its slot had, from the worker's last claim."""
+        worker = db.execute("SELECT capability, slot_vram_gib FROM workers WHERE worker_id = ?",
+                            (row["worker_id"],)).fetchone()
+        ram = json.loads(worker["capability"]).get("ram_gib", 0.0) if worker else 0.0
+        return retry_policy.Failure(cause, signature, row["hostname"],
+                                    worker["slot_vram_gib"] if worker else 0.0, float(ram),
+                                    peak_vram_gib)
+
+    def _same_signature(
+        self, db: sqlite3.Connection, failure: retry_policy.Failure, row: sqlite3.Row
+    ) -> tuple[str, ...]:
+        if not failure.signature:
+            return ()
+        found = db.execute(SAME_SIGNATURE_HOSTS, {
+            "job_id": row["job_id"], "signature": failure.signature,
+            "hostname": failure.hostname}).fetchall()
+        return tuple(r["hostname"] for r in found)
 
     def _finish(
         self, db: sqlite3.Connection, row: sqlite3.Row, retry: bool, outcome: str,
@@ -624,6 +907,18 @@ class SqliteQueue:
             for stale in db.execute(STALE_JOBS, params).fetchall():
                 swept.append(self._lose(db, self._row(db, stale["job_id"]), now))
         return swept
+
+    def fail_stalled(self, now: float | None = None, since: float = 0.0) -> list[str]:
+        """Fail live jobs whose worker heartbeats but whose progress stopped moving."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            rows = db.execute(STALLED_JOBS, {"now": now, "since": since,
+                                             "stale_after_s": self.stale_after_s}).fetchall()
+            for row in rows:
+                idle_s = now - max(row["progress_at"] or row["claimed_at"], since)
+                self._fail_attempt(db, row, stalled_error(row, idle_s), True,
+                                   FailureKind.STALLED, now)
+        return [row["job_id"] for row in rows]
 
     def _lose(self, db: sqlite3.Connection, row: sqlite3.Row, now: float, why: str = "") -> str:
         """Requeue (or fail, out of budget) a live job whose worker is gone; its id."""
@@ -655,7 +950,7 @@ class SqliteQueue:
         now = time.time() if now is None else now
         with self._write() as db:
             row = self._row(db, job_id)
-            if row["status"] not in (Status.PENDING, *LIVE):
+            if row["status"] not in (Status.PENDING, Status.UNSCHEDULABLE, *LIVE):
                 raise IllegalTransition(job_id, row["status"], "cancel")
             db.execute(
                 "UPDATE jobs SET status = 'cancelled', error = 'cancelled by operator', "
@@ -676,8 +971,8 @@ class SqliteQueue:
                 raise IllegalTransition(job_id, row["status"], "requeue")
             db.execute(
                 "UPDATE jobs SET status = 'pending', lease = NULL, attempts_charged = 0, "
-                "lost_count = 0, error = NULL, progress = NULL, pending_since = ?, updated_at = ? "
-                "WHERE job_id = ?",
+                "lost_count = 0, error = NULL, progress = NULL, avoid_hosts = '[]', "
+                "pending_since = ?, updated_at = ? WHERE job_id = ?",
                 (now, now, job_id),
             )
             self._event(db, job_id, "requeued", now, row["attempts"])
@@ -743,11 +1038,7 @@ class SqliteQueue:
             rows = self._db.execute(
                 "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
             ).fetchall()
-        return [
-            Attempt(r["job_id"], r["attempt"], r["worker_id"], r["hostname"], r["started_at"],
-                    r["ended_at"], r["outcome"], r["error"])
-            for r in rows
-        ]
+        return [_attempt(r) for r in rows]
 
     def workers(self, now: float | None = None) -> list[WorkerInfo]:
         now = time.time() if now is None else now
@@ -761,7 +1052,11 @@ class SqliteQueue:
         ):
             held.setdefault(r["worker_id"], []).append(r["job_id"])
         workers = []
-        for r in db.execute("SELECT * FROM workers ORDER BY hostname, worker_id"):
+        for r in db.execute(
+            "SELECT w.*, h.quarantined_until, h.quarantine_reason FROM workers AS w "
+            "LEFT JOIN hosts AS h ON h.hostname = w.hostname AND h.quarantined_until > ? "
+            "ORDER BY w.hostname, w.worker_id", (now,)
+        ):
             allow = _loads(r["allow_jobs"])
             policy = matching.Policy(
                 None if allow is None else frozenset(allow), frozenset(json.loads(r["deny_jobs"]))
@@ -772,6 +1067,8 @@ class SqliteQueue:
                 slot_vram_gib=r["slot_vram_gib"], first_seen=r["first_seen"],
                 last_seen=r["last_seen"], alive=r["last_seen"] >= now - self.stale_after_s,
                 jobs=tuple(held.get(r["worker_id"], ())),
+                quarantined_until=r["quarantined_until"],
+                quarantine_reason=r["quarantine_reason"],
             ))
         return workers
 

@@ -1,4 +1,4 @@
--- trainfleet's SQLite schema (schema_version 1). Timestamps are unix seconds (REAL).
+-- trainfleet's SQLite schema (schema_version 2). Timestamps are unix seconds (REAL).
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -41,7 +41,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     claimed_at       REAL,
     heartbeat_at     REAL,
     created_at       REAL NOT NULL,
-    updated_at       REAL NOT NULL
+    updated_at       REAL NOT NULL,
+    raised_vram_gib  REAL NOT NULL DEFAULT 0,    -- after a CUDA OOM; effective = max(min, raised)
+    raised_ram_gib   REAL NOT NULL DEFAULT 0,    -- after a RAM OOM or a kill
+    avoid_hosts      TEXT NOT NULL DEFAULT '[]', -- JSON array: hosts it failed on
+    stall_after_s    REAL NOT NULL DEFAULT 0,    -- 0: never failed as stalled
+    progress_at      REAL                        -- when this attempt's progress last moved
 );
 
 -- The claim walks one of these in rank order, so its cost does not grow with depth.
@@ -55,6 +60,9 @@ CREATE INDEX IF NOT EXISTS jobs_live
     ON jobs (heartbeat_at)
     WHERE status IN ('claimed', 'running');
 CREATE INDEX IF NOT EXISTS jobs_name ON jobs (name);
+-- Each claim looks for unschedulable jobs its slot could run: usually none, found at once.
+CREATE INDEX IF NOT EXISTS jobs_unschedulable ON jobs (manifest_index)
+    WHERE status = 'unschedulable';
 
 CREATE TABLE IF NOT EXISTS attempts (
     job_id     TEXT NOT NULL,
@@ -66,6 +74,9 @@ CREATE TABLE IF NOT EXISTS attempts (
     ended_at   REAL,
     outcome    TEXT,
     error      TEXT,
+    cause      TEXT,                           -- failures.Cause of a failed attempt
+    signature  TEXT,                           -- its normalised error line
+    peak_vram_gib REAL,
     PRIMARY KEY (job_id, attempt)
 );
 
@@ -79,6 +90,16 @@ CREATE TABLE IF NOT EXISTS events (
     detail    TEXT NOT NULL DEFAULT '{}'       -- JSON object
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+CREATE INDEX IF NOT EXISTS attempts_host ON attempts (hostname, ended_at);
+
+-- Per-host scheduling state: a quarantine after repeated failures of one kind.
+CREATE TABLE IF NOT EXISTS hosts (
+    hostname          TEXT PRIMARY KEY,
+    quarantined_until REAL,                    -- NULL: not quarantined (or released)
+    quarantine_reason TEXT,
+    quarantines       INTEGER NOT NULL DEFAULT 0,  -- so far: each cool-off doubles
+    counts_since      REAL NOT NULL DEFAULT 0  -- attempts that ended earlier no longer count
+);
 
 CREATE TABLE IF NOT EXISTS workers (
     worker_id     TEXT PRIMARY KEY,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
@@ -30,12 +31,14 @@ from trainfleet.errors import (
     Unauthorized,
     WrongHost,
 )
-from trainfleet.queue.base import FailureKind, Job
+from trainfleet.failures import Cause
+from trainfleet.queue.base import FailureKind, Job, Status
 from trainfleet.receiver import schemas as s
 from trainfleet.receiver.state import ReceiverState
 from trainfleet.tokens import TokenKind, hash_token
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 worker_header = APIKeyHeader(name="X-Worker-Token", scheme_name="WorkerToken", auto_error=False,
                              description="the worker token, when the receiver has one")
@@ -199,7 +202,7 @@ async def claim(body: s.ClaimRequest, state: State, host: Bound) -> Any:
     allow = tuple(body.allow_jobs) if body.allow_jobs is not None else None
     claimed = state.queue.claim_next(
         body.worker_id, capability, body.slot_vram_gib, allow, tuple(body.deny_jobs),
-        now=state.queue_now(),
+        now=state.queue_now(), free_vram_gib=body.free_vram_gib,
     )
     if claimed is None:
         state.metrics.empty_claims.inc()
@@ -221,7 +224,7 @@ async def heartbeat(job_ref: JobRef, body: s.HeartbeatRequest, state: State) -> 
     job_id = state.queue.resolve(job_ref)
     progress = body.progress.model_dump(exclude_none=True) if body.progress else None
     action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail,
-                                   state.queue_now())
+                                   state.queue_now(), peak_vram_gib=body.peak_vram_gib)
     state.metrics.heartbeats.inc()
     return s.HeartbeatOut(action=action)  # type: ignore[arg-type]
 
@@ -243,7 +246,9 @@ async def fail(job_ref: JobRef, body: s.FailRequest, state: State) -> s.JobOut:
     """End the attempt; the job is retried while attempts remain."""
     job_id = state.queue.resolve(job_ref)
     job = state.queue.fail(job_id, body.lease, body.error, body.retryable, FailureKind(body.kind),
-                           state.queue_now())
+                           state.queue_now(), cause=None if body.cause is None else
+                           Cause(body.cause), signature=body.signature,
+                           peak_vram_gib=body.peak_vram_gib)
     state.metrics.failures.labels(body.kind).inc()
     return _job_out(job)
 
@@ -402,7 +407,9 @@ async def get_job(job_ref: JobRef, state: State) -> s.JobDetailOut:
                           detail=dict(e.detail)) for e in state.queue.history(job_id)]
     attempts = [s.AttemptOut(attempt=a.attempt, worker_id=a.worker_id, hostname=a.hostname,
                              started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome,
-                             error=a.error) for a in state.queue.attempts(job_id)]
+                             error=a.error, cause=a.cause, signature=a.signature,
+                             peak_vram_gib=a.peak_vram_gib)
+                for a in state.queue.attempts(job_id)]
     path = None
     if job.artifact_id and state.store.has(job.artifact_id):
         path = str(state.store.path(job.artifact_id))
@@ -416,13 +423,14 @@ async def why(job_ref: JobRef, state: State) -> s.WhyOut:
     now = state.now()
     job = state.queue.get(state.queue.resolve(job_ref))
     live = [w for w in state.queue.workers(now) if w.alive]
-    slots = {w.worker_id: matching.Slot(w.capability, w.slot_vram_gib, w.policy) for w in live}
+    slots = {w.worker_id: w.slot() for w in live}
     waited_s = max(0.0, now - job.pending_since)
     reasons = matching.explain_fleet(job, slots, waited_s)
     expires = job.pending_since + job.prefer_wait_s if job.prefer_cuda else None
     return s.WhyOut(
         job_id=job.job_id, name=job.name, status=job.status.value, waited_s=waited_s,
         preference_expires_at=expires,
+        reason=job.error if job.status is Status.UNSCHEDULABLE else None,
         workers=[s.WhyWorker(worker_id=w.worker_id, hostname=w.hostname,
                              reasons=reasons[w.worker_id]) for w in live],
     )
@@ -464,3 +472,14 @@ async def reload(state: State) -> s.ReloadOut:
     result = state.reload()
     return s.ReloadOut(added=result.added, updated=result.updated, unchanged=result.unchanged,
                        orphaned=result.orphaned)
+
+
+@router.post("/v1/hosts/{hostname}/release", dependencies=OperatorAuth, responses=ERRORS)
+async def release_host(
+    hostname: Annotated[str, PathParam(min_length=1, max_length=253)], state: State
+) -> s.ReleaseOut:
+    """Lift a host's quarantine: it claims again at once; 404 when it is not quarantined."""
+    released = state.queue.release_host(hostname, state.queue_now())
+    log.warning("host %s released from quarantine (%s)", hostname, released.reason)
+    return s.ReleaseOut(hostname=hostname, was_until=released.was_until,
+                        reason=released.reason)

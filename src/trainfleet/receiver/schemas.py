@@ -52,6 +52,8 @@ class ClaimRequest(Strict):
     capability: dict[str, Any] = Field(json_schema_extra=CAPABILITY_SCHEMA)
     slot: int = Field(default=0, ge=0, le=1024)
     slot_vram_gib: float | None = Field(default=None, ge=0)
+    #: the slot's GPU memory free now (nvidia-smi): the claim matches against it
+    free_vram_gib: float | None = Field(default=None, ge=0)
     allow_jobs: list[str] | None = None
     deny_jobs: list[str] = []
 
@@ -67,6 +69,8 @@ class HeartbeatRequest(Strict):
     lease: str = Lease
     progress: Progress | None = None
     log_tail: str | None = Field(default=None, max_length=64 * 1024)
+    #: the most GPU memory the trainer held so far (sampled by the worker), kept per attempt
+    peak_vram_gib: float | None = Field(default=None, ge=0)
 
 
 class CompleteRequest(Strict):
@@ -80,6 +84,11 @@ class FailRequest(Strict):
     error: str = Field(max_length=64 * 1024)
     retryable: bool = True
     kind: Literal["trainer_error", "timeout", "worker_shutdown"] = "trainer_error"
+    #: The worker's diagnosis (failures.diagnose): it steers the retry.
+    cause: Literal["cuda_oom", "ram_oom", "killed", "signal", "timeout", "trainer_error"] | None \
+        = None
+    signature: str | None = Field(default=None, max_length=1000)
+    peak_vram_gib: float | None = Field(default=None, ge=0)
 
 
 class JobOut(BaseModel):
@@ -119,6 +128,13 @@ class JobOut(BaseModel):
     created_at: float
     updated_at: float
     heartbeat_at: float | None
+    raised_vram_gib: float = 0.0
+    raised_ram_gib: float = 0.0
+    effective_vram_gib: float  #: what a slot must have now: declared, or raised after an OOM
+    effective_ram_gib: float
+    avoid_hosts: list[str] = []  #: hosts it failed on; the next attempt prefers others
+    stall_after_s: float = 0.0  #: fail as stalled when progress stops this long (0: off)
+    progress_at: float | None = None  #: when this attempt's progress last moved
 
 
 class EventOut(BaseModel):
@@ -137,6 +153,9 @@ class AttemptOut(BaseModel):
     ended_at: float | None
     outcome: str | None
     error: str | None
+    cause: str | None = None
+    signature: str | None = None
+    peak_vram_gib: float | None = None
 
 
 class JobDetailOut(JobOut):
@@ -179,10 +198,18 @@ class WorkerOut(BaseModel):
     last_seen: float
     alive: bool
     jobs: list[str]
+    quarantined_until: float | None = None  #: its host claims nothing until then
+    quarantine_reason: str | None = None
 
 
 class WorkersOut(BaseModel):
     workers: list[WorkerOut]
+
+
+class ReleaseOut(BaseModel):
+    hostname: str
+    was_until: float  #: when the lifted quarantine would have ended
+    reason: str
 
 
 class ReloadOut(BaseModel):
@@ -225,6 +252,7 @@ class WhyOut(BaseModel):
     waited_s: float
     preference_expires_at: float | None
     workers: list[WhyWorker]
+    reason: str | None = None  #: why an unschedulable job is: no worker seen can run it
 
 
 # -- per-host tokens and enrollment ------------------------------------------

@@ -72,4 +72,12 @@ class ReceiverState:
         self.metrics.swept.inc(len(swept))
         for job_id in swept:
             log.warning("job %s: worker went silent; swept", job_id[:12])
+        stalled = self.queue.fail_stalled(now=self.queue_now(), since=self.started_at)
+        self.metrics.failures.labels("stalled").inc(len(stalled))
+        for job_id in stalled:
+            log.warning("job %s: progress stopped moving; failed as stalled", job_id[:12])
+        rescheduled = self.queue.reschedule(now=self.queue_now())
+        for job_id in rescheduled.unschedulable:
+            log.warning("job %s: no worker seen in the fleet can run it; unschedulable",
+                        job_id[:12])
         return swept
