@@ -479,3 +479,24 @@ def test_revoke_host_revokes_its_tokens_and_requeues_its_live_jobs(queue: JobQue
     assert all(t.revoked_at == T0 + 5 for t in queue.list_tokens() if t.hostname == "gpu-a")
     with pytest.raises(NotFound, match="no active token"):
         queue.revoke_host("gpu-a", now=T0 + 6)
+
+
+@pytest.mark.parametrize(("lowered", "spend"), [({"max_attempts": 1}, "fail"),
+                                                ({"max_lost": 1}, "sweep")])
+def test_reload_lowering_a_budget_below_what_a_waiting_job_used_fails_it(
+    queue: JobQueue, lowered: dict[str, int], spend: str
+) -> None:
+    budget = {"max_attempts": 3, "max_lost": 3}
+    queue.sync_manifest(make_manifest([job("a", **budget)]), now=T0)
+    claim = queue.claim_next("w1", cpu(), now=T0)
+    assert claim is not None
+    if spend == "fail":
+        queue.fail(claim.job.job_id, claim.lease, "boom", now=T0 + 1)
+    else:
+        assert queue.sweep_stale(now=T0 + 601, since=T0) == [claim.job.job_id]
+    assert queue.get(claim.job.job_id).status == Status.PENDING
+    queue.sync_manifest(make_manifest([job("a", **(budget | lowered))]), now=T0 + 700)
+    spent = queue.get(claim.job.job_id)
+    assert spent.status == Status.FAILED and "lowered the budget" in (spent.error or "")
+    assert queue.claim_next("w1", cpu(), now=T0 + 701) is None
+    assert queue.history(claim.job.job_id)[-1].detail["outcome"] == "budget"

@@ -389,6 +389,13 @@ SELECT * FROM jobs WHERE status IN ('claimed', 'running') AND hostname = %s
 ORDER BY job_id FOR UPDATE
 """
 
+# Waiting jobs whose budget a reload lowered below what they already used.
+SPENT_PENDING_JOBS = """
+SELECT * FROM jobs
+WHERE status IN ('pending', 'unschedulable')
+  AND (attempts_charged >= max_attempts OR lost_count >= max_lost)
+"""
+
 # Fields whose change on reload counts as "updated" (while the job is pending).
 MUTABLE_FIELDS = (
     "name", "priority", "require_cuda", "prefer_cuda", "min_vram_gib", "min_ram_gib",
@@ -562,6 +569,17 @@ class PostgresQueue:
             raise JobNotFound(job_id)
         return row
 
+    def _fail_spent(self, conn: Conn, row: dict[str, Any], now: float) -> None:
+        """Fail a waiting job whose lowered budget it has already used: claiming it again
+        would run an attempt past max_attempts (or max_lost)."""
+        error = (f"out of attempts: the manifest lowered the budget to max_attempts "
+                 f"{row['max_attempts']} and max_lost {row['max_lost']}; the job had "
+                 f"{row['attempts_charged']} charged and {row['lost_count']} lost")
+        conn.execute("UPDATE jobs SET status = 'failed', error = %s, updated_at = %s "
+                     "WHERE job_id = %s", (error, now, row["job_id"]))
+        self._event(conn, row["job_id"], "failed", now, row["attempts"], outcome="budget",
+                    error=error, retry=False)
+
     def _event(
         self, conn: Conn, job_id: str, kind: str, now: float, attempt: int | None = None,
         worker_id: str | None = None, **detail: Any,
@@ -667,6 +685,8 @@ class PostgresQueue:
                 cur.executemany(INSERT_JOB, inserts)
                 cur.executemany(UPDATE_PLACE, place_updates)
                 cur.executemany(UPDATE_PENDING_JOB, pending_updates)
+                for spent in conn.execute(SPENT_PENDING_JOBS).fetchall():
+                    self._fail_spent(conn, spent, now)
                 cur.executemany(
                     "INSERT INTO events (job_id, at, kind) VALUES (%s, %s, 'added')",
                     [(p["job_id"], now) for p in inserts],
