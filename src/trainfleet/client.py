@@ -144,6 +144,7 @@ class Client:
         progress: dict[str, Any] | None = None,
         log_tail: str | None = None,
         peak_vram_gib: float | None = None,
+        attempt: int | None = None,
     ) -> str:
         """Report liveness; the receiver's action, "continue" or "cancel".
 
@@ -153,28 +154,34 @@ class Client:
         body: dict[str, Any] = {"lease": lease, "progress": progress, "log_tail": log_tail}
         if peak_vram_gib is not None:
             body["peak_vram_gib"] = peak_vram_gib
+        if attempt is not None:
+            body["attempt"] = attempt
         path = f"/v1/job/{_seg(job_id)}/heartbeat"
         answer = self._json("POST", path, body=body, fenced_job_id=job_id, retries=0)
         return str(answer["action"])
 
     def complete(
-        self, job_id: str, lease: str, artifact_id: str, metrics: dict[str, Any]
+        self, job_id: str, lease: str, artifact_id: str, metrics: dict[str, Any],
+        attempt: int | None = None,
     ) -> dict[str, Any]:
         """Mark the job completed with a stored artifact; idempotent for the same lease."""
-        body = {"lease": lease, "artifact_id": artifact_id, "metrics": metrics}
+        body: dict[str, Any] = {"lease": lease, "artifact_id": artifact_id, "metrics": metrics}
+        if attempt is not None:
+            body["attempt"] = attempt
         path = f"/v1/job/{_seg(job_id)}/complete"
         answer: dict[str, Any] = self._json("POST", path, body=body, fenced_job_id=job_id)
         return answer
 
     def fail(
         self, job_id: str, lease: str, error: str, retryable: bool, kind: str,
-        diagnosis: Mapping[str, Any] | None = None,
+        diagnosis: Mapping[str, Any] | None = None, attempt: int | None = None,
     ) -> dict[str, Any]:
         """Report a failed attempt; the job resource with its new status.
 
         `diagnosis` adds the optional `cause`, `signature` and `peak_vram_gib` fields.
         """
         body = {"lease": lease, "error": error, "retryable": retryable, "kind": kind,
+                "attempt": attempt,
                 **{k: v for k, v in (diagnosis or {}).items() if v is not None}}
         path = f"/v1/job/{_seg(job_id)}/fail"
         answer: dict[str, Any] = self._json("POST", path, body=body, fenced_job_id=job_id)
@@ -187,18 +194,21 @@ class Client:
         job_id: str,
         lease: str,
         progress: Progress | None = None,
+        attempt: int | None = None,
     ) -> dict[str, Any]:
         """Stream a bundle to the store in chunks, never holding it in memory."""
         query = {"job_id": job_id, "lease": lease}
+        if attempt is not None:
+            query["attempt"] = str(attempt)
         path_ = f"/v1/model/{_seg(artifact_id)}"
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
 
-            def attempt() -> bytes:
+            def send() -> bytes:
                 fh.seek(0)
                 return self._stream_put(self._target(path_, query), fh, size, progress)
 
-            raw = self._retrying("PUT", path_, attempt, fenced_job_id=job_id)
+            raw = self._retrying("PUT", path_, send, fenced_job_id=job_id)
         answer: dict[str, Any] = json.loads(raw)
         return answer
 

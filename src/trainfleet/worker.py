@@ -378,6 +378,7 @@ class Worker:
                 progress=read_progress(att.progress_path),
                 log_tail=_tail(att.log_path, LOG_TAIL_BYTES),
                 peak_vram_gib=self._peak_vram_gib,
+                attempt=att.attempt,
             )
         except LeaseLost:
             return _Outcome.FENCED
@@ -416,7 +417,8 @@ class Worker:
             "cause": diagnosis.cause.value, "signature": diagnosis.signature,
             "peak_vram_gib": self._peak_vram_gib}
         try:
-            job = self.client.fail(att.job_id, att.lease, error, retryable, kind, found)
+            job = self.client.fail(att.job_id, att.lease, error, retryable, kind, found,
+                                   attempt=att.attempt)
         except LeaseLost:
             log.warning("job %s: lease lost; failure (%s) not recorded", att.short, kind)
         except TrainfleetError as exc:
@@ -470,7 +472,7 @@ class Worker:
         try:
             self._upload_bundle(d)
             self._upload_log(d.job_id, d.lease, d.attempt, Path(d.log))
-            self.client.complete(d.job_id, d.lease, d.artifact_id, d.metrics)
+            self.client.complete(d.job_id, d.lease, d.artifact_id, d.metrics, attempt=d.attempt)
             log.info("job %s: completed with artifact %s", d.job_id[:12], d.artifact_id[:12])
         except LeaseLost as exc:
             log.warning("job %s: %s; its result is discarded", d.job_id[:12], exc.message)
@@ -488,7 +490,7 @@ class Worker:
         if self.client.has_artifact(d.artifact_id):
             log.info("job %s: artifact %s already stored", d.job_id[:12], d.artifact_id[:12])
             return
-        self.client.upload(d.artifact_id, Path(d.bundle), d.job_id, d.lease)
+        self.client.upload(d.artifact_id, Path(d.bundle), d.job_id, d.lease, attempt=d.attempt)
         log.info("job %s: uploaded %d bytes", d.job_id[:12], d.size)
 
     def _upload_log(self, job_id: str, lease: str, attempt: int, path: Path) -> None:

@@ -218,10 +218,18 @@ async def claim(body: s.ClaimRequest, state: State, host: Bound) -> Any:
     )
 
 
+def _fenced_job(state: ReceiverState, ref: str, lease: str, attempt: int | None) -> str:
+    """The job's id; 409 when the call names an attempt its lease was not handed out for."""
+    job_id = state.queue.resolve(ref)
+    if attempt is not None and not state.queue.attempt_lease_matches(job_id, attempt, lease):
+        raise LeaseLost(job_id, f"the lease does not belong to attempt {attempt}")
+    return job_id
+
+
 @router.post("/v1/job/{job_ref}/heartbeat", dependencies=WorkerJobAuth, responses=ERRORS)
 async def heartbeat(job_ref: JobRef, body: s.HeartbeatRequest, state: State) -> s.HeartbeatOut:
     """Liveness and progress; the answer says whether to go on or cancel."""
-    job_id = state.queue.resolve(job_ref)
+    job_id = _fenced_job(state, job_ref, body.lease, body.attempt)
     progress = body.progress.model_dump(exclude_none=True) if body.progress else None
     action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail,
                                    state.queue_now(), peak_vram_gib=body.peak_vram_gib)
@@ -232,7 +240,7 @@ async def heartbeat(job_ref: JobRef, body: s.HeartbeatRequest, state: State) -> 
 @router.post("/v1/job/{job_ref}/complete", dependencies=WorkerJobAuth, responses=ERRORS)
 async def complete(job_ref: JobRef, body: s.CompleteRequest, state: State) -> s.JobOut:
     """Accept the job's artifact, which must already be in the store."""
-    job_id = state.queue.resolve(job_ref)
+    job_id = _fenced_job(state, job_ref, body.lease, body.attempt)
     if not state.store.has(body.artifact_id):
         raise BadRequest(f"artifact_id: {body.artifact_id} is not in the store; upload it first")
     job = state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics,
@@ -244,7 +252,7 @@ async def complete(job_ref: JobRef, body: s.CompleteRequest, state: State) -> s.
 @router.post("/v1/job/{job_ref}/fail", dependencies=WorkerJobAuth, responses=ERRORS)
 async def fail(job_ref: JobRef, body: s.FailRequest, state: State) -> s.JobOut:
     """End the attempt; the job is retried while attempts remain."""
-    job_id = state.queue.resolve(job_ref)
+    job_id = _fenced_job(state, job_ref, body.lease, body.attempt)
     job = state.queue.fail(job_id, body.lease, body.error, body.retryable, FailureKind(body.kind),
                            state.queue_now(), cause=None if body.cause is None else
                            Cause(body.cause), signature=body.signature,
@@ -263,9 +271,11 @@ async def put_model(
     job_id: Annotated[str, Query(min_length=1, max_length=200)],
     lease: Annotated[str, Query(min_length=1, max_length=128)],
     response: Response,
+    attempt: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
 ) -> s.ArtifactOut:
     """Stream a bundle into the store; its sha256 is checked before it becomes visible."""
-    job = state.queue.check_lease(state.queue.resolve(job_id), lease, state.queue_now())
+    job = state.queue.check_lease(_fenced_job(state, job_id, lease, attempt), lease,
+                                  state.queue_now())
     if state.store.has(artifact_id):
         async for _ in request.stream():  # drain, so the client sees a clean answer
             pass

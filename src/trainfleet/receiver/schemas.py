@@ -65,8 +65,13 @@ class Progress(BaseModel):
     message: str | None = Field(default=None, max_length=1000)
 
 
+Attempt = Field(default=None, ge=1, le=1_000_000,
+                description="the attempt the lease was handed out for; checked when given")
+
+
 class HeartbeatRequest(Strict):
     lease: str = Lease
+    attempt: int | None = Attempt
     progress: Progress | None = None
     log_tail: str | None = Field(default=None, max_length=64 * 1024)
     #: the most GPU memory the trainer held so far (sampled by the worker), kept per attempt
@@ -75,12 +80,14 @@ class HeartbeatRequest(Strict):
 
 class CompleteRequest(Strict):
     lease: str = Lease
+    attempt: int | None = Attempt
     artifact_id: str = Sha256
     metrics: dict[str, Any] = {}
 
 
 class FailRequest(Strict):
     lease: str = Lease
+    attempt: int | None = Attempt
     error: str = Field(max_length=64 * 1024)
     retryable: bool = True
     kind: Literal["trainer_error", "timeout", "worker_shutdown"] = "trainer_error"
