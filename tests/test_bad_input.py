@@ -370,7 +370,7 @@ def test_raw_hostile_request_lines_get_a_4xx(rx: Rx, unchanged: None, target: by
 MASS_ASSIGNMENT = [
     ("/v1/job/claim", {"worker_id": "w-2", "capability": {"hostname": "h"},
                        "status": "completed"}),
-    ("/v1/job/alpha/heartbeat", {"lease": "{lease}", "attempt": 99}),
+    ("/v1/job/alpha/heartbeat", {"lease": "{lease}", "attempts": 99}),  # the job's counter
     ("/v1/job/alpha/heartbeat", {"lease": "{lease}", "status": "completed"}),
     ("/v1/job/alpha/complete", {"lease": "{lease}", "artifact_id": "b" * 64,
                                 "worker_id": "someone-else"}),
@@ -380,7 +380,7 @@ MASS_ASSIGNMENT = [
 
 
 @pytest.mark.parametrize(("path", "body"), MASS_ASSIGNMENT,
-                         ids=["claim-status", "heartbeat-attempt", "heartbeat-status",
+                         ids=["claim-status", "heartbeat-attempts", "heartbeat-status",
                               "complete-worker_id", "fail-attempts_charged", "fail-lost_worker"])
 def test_bodies_with_extra_or_forbidden_fields_are_refused(
     rx: Rx, unchanged: None, path: str, body: dict[str, Any]
