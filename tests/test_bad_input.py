@@ -289,8 +289,6 @@ def test_an_upload_that_goes_silent_is_cut_with_408(rx: Rx, unchanged: None) -> 
     assert time.monotonic() - started < IDLE_S * 5
 
 
-@pytest.mark.xfail(strict=True, reason="no upload rate deadline yet: a drip faster than the "
-                   "idle timeout holds an upload slot forever")
 def test_a_slow_drip_upload_is_cut_before_long(rx: Rx, unchanged: None) -> None:
     artifact_id, _ = gzip_bytes("drip")
     with closing(start_upload(rx, artifact_id, 100_000)) as sock:

@@ -7,6 +7,7 @@ import hmac
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -286,7 +287,8 @@ async def put_model(
                           "retry later")
     async with state.uploads:
         with state.store.begin_upload(artifact_id, state.settings.max_upload_bytes) as upload:
-            async for chunk in _until_idle(request, state.settings.upload_idle_timeout_s):
+            async for chunk in _until_idle(request, state.settings.upload_idle_timeout_s,
+                                           state.settings.upload_min_bytes_per_s):
                 upload.write(chunk)
             new = await run_in_threadpool(
                 upload.commit, job_id=job.job_id, model=job.model, mode=job.mode,
@@ -299,9 +301,14 @@ async def put_model(
     return s.ArtifactOut(artifact_id=artifact_id, size=size, new=new)
 
 
-async def _until_idle(request: Request, idle_s: float) -> AsyncIterator[bytes]:
-    """The request body's chunks; 408 when none arrives for `idle_s` (a stuck client)."""
+async def _until_idle(
+    request: Request, idle_s: float, min_bytes_per_s: float
+) -> AsyncIterator[bytes]:
+    """The request body's chunks; 408 when none arrives for `idle_s`, or when, past the
+    first `idle_s`, it arrives slower than `min_bytes_per_s` on average (a drip-feed that
+    would hold an upload slot forever)."""
     chunks = request.stream().__aiter__()
+    started, received = time.monotonic(), 0
     while True:
         try:
             async with asyncio.timeout(idle_s):
@@ -310,6 +317,13 @@ async def _until_idle(request: Request, idle_s: float) -> AsyncIterator[bytes]:
             return
         except TimeoutError as exc:
             raise RequestTimeout(f"body: nothing received for {idle_s:g} s") from exc
+        received += len(chunk)
+        elapsed = time.monotonic() - started
+        if elapsed > idle_s and received < min_bytes_per_s * elapsed:
+            raise RequestTimeout(
+                f"body: {received / elapsed:.0f} bytes/s, below the minimum of "
+                f"{min_bytes_per_s:.0f} bytes/s"
+            )
         yield chunk
 
 

@@ -29,6 +29,7 @@ class ReceiverSettings:
     max_log_bytes: int = 16 << 20
     max_concurrent_uploads: int = 4  #: more at once get 503 + Retry-After
     upload_idle_timeout_s: float = 60.0  #: an upload silent this long gets 408
+    upload_min_bytes_per_s: float = 64 << 10  #: past the first idle_s, slower on average: 408
     insecure: bool = False
     #: Worker calls need a token (shared or per-host) even before any host is enrolled.
     require_worker_token: bool = False
