@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -309,6 +310,27 @@ class RevokeResult:
     hostname: str
     revoked: int  #: tokens and codes of the host made unusable
     requeued: tuple[str, ...]  #: its live jobs, swept at once like a lost worker's
+
+
+_TUPLE_COLUMNS = ("train_hosts", "allowed_hosts", "avoid_hosts")
+_BOOL_COLUMNS = ("require_cuda", "prefer_cuda", "orphaned")
+#: Columns stored as JSON; a backend decodes them before job_from_row.
+JSON_COLUMNS = ("hyper", "progress", "metrics", *_TUPLE_COLUMNS)
+
+
+def job_from_row(row: Mapping[str, Any]) -> Job:
+    """The Job of one jobs row whose JSON columns are already decoded (every backend)."""
+    fields = {f.name: row[f.name] for f in dataclasses.fields(Job)}
+    for name in _TUPLE_COLUMNS:
+        fields[name] = tuple(fields[name])
+    for name in _BOOL_COLUMNS:
+        fields[name] = bool(fields[name])
+    fields["status"] = Status(fields["status"])
+    return Job(**fields)
+
+
+def attempt_from_row(row: Mapping[str, Any]) -> Attempt:
+    return Attempt(**{f.name: row[f.name] for f in dataclasses.fields(Attempt)})
 
 
 class JobQueue(Protocol):

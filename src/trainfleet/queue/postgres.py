@@ -51,7 +51,9 @@ from trainfleet.queue.base import (
     SyncResult,
     TokenInfo,
     WorkerInfo,
+    attempt_from_row,
     check_enroll_code,
+    job_from_row,
     progress_moved,
     stalled_error,
 )
@@ -437,56 +439,6 @@ def _params(values: Mapping[str, Any], now: float) -> dict[str, Any]:
     return params
 
 
-def _job(row: Mapping[str, Any]) -> Job:
-    return Job(
-        job_id=row["job_id"],
-        name=row["name"],
-        model=row["model"],
-        mode=row["mode"],
-        hyper=row["hyper"],
-        split_recipe=row["split_recipe"],
-        train_hosts=tuple(row["train_hosts"]),
-        seed=row["seed"],
-        priority=row["priority"],
-        require_cuda=row["require_cuda"],
-        prefer_cuda=row["prefer_cuda"],
-        min_vram_gib=row["min_vram_gib"],
-        min_ram_gib=row["min_ram_gib"],
-        allowed_hosts=tuple(row["allowed_hosts"]),
-        max_attempts=row["max_attempts"],
-        max_lost=row["max_lost"],
-        timeout_s=row["timeout_s"],
-        prefer_wait_s=row["prefer_wait_s"],
-        manifest_index=row["manifest_index"],
-        orphaned=row["orphaned"],
-        status=Status(row["status"]),
-        attempts=row["attempts"],
-        attempts_charged=row["attempts_charged"],
-        lost_count=row["lost_count"],
-        worker_id=row["worker_id"],
-        hostname=row["hostname"],
-        progress=row["progress"],
-        error=row["error"],
-        metrics=row["metrics"],
-        artifact_id=row["artifact_id"],
-        pending_since=row["pending_since"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        heartbeat_at=row["heartbeat_at"],
-        raised_vram_gib=row["raised_vram_gib"],
-        raised_ram_gib=row["raised_ram_gib"],
-        avoid_hosts=tuple(row["avoid_hosts"]),
-        stall_after_s=row["stall_after_s"],
-        progress_at=row["progress_at"],
-    )
-
-
-def _attempt(r: Mapping[str, Any]) -> Attempt:
-    return Attempt(r["job_id"], r["attempt"], r["worker_id"], r["hostname"], r["started_at"],
-                   r["ended_at"], r["outcome"], r["error"], r["cause"], r["signature"],
-                   r["peak_vram_gib"])
-
-
 def _token(row: Mapping[str, Any]) -> TokenInfo:
     return TokenInfo(
         token_hash=row["token_hash"], hostname=row["hostname"], kind=TokenKind(row["kind"]),
@@ -758,13 +710,13 @@ class PostgresQueue:
         if row is None:
             return None
         command = tuple(json.loads(settings["trainer"])) if settings["trainer"] else ()
-        return Claim(_job(row), lease, row["attempts"], command)
+        return Claim(job_from_row(row), lease, row["attempts"], command)
 
     def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job:
         """The job, if `lease` is its current live lease (or revivable); LeaseLost otherwise."""
         with self._tx() as conn:
             row = self._lock_job(conn, job_id, now)
-            return _job(self._live_row(conn, row, lease, row["clock"]))
+            return job_from_row(self._live_row(conn, row, lease, row["clock"]))
 
     def heartbeat(
         self,
@@ -820,7 +772,7 @@ class PostgresQueue:
                 and secrets.compare_digest(row["lease"], lease)
                 and row["artifact_id"] == artifact_id
             ):
-                return _job(row)
+                return job_from_row(row)
             row = self._live_row(conn, row, lease, now)
             done = conn.execute(
                 "UPDATE jobs SET status = 'completed', artifact_id = %s, metrics = %s, "
@@ -832,7 +784,7 @@ class PostgresQueue:
             self._end_attempt(conn, row, "completed", None, now)
             self._event(conn, job_id, "completed", now, row["attempts"], row["worker_id"],
                         artifact_id=artifact_id)
-            return _job(done)
+            return job_from_row(done)
 
     def fail(
         self,
@@ -857,7 +809,7 @@ class PostgresQueue:
             row = self._lock_job(conn, job_id, now)
             now = float(row["clock"])
             row = self._live_row(conn, row, lease, now)
-            return _job(self._fail_attempt(conn, row, error, retryable, kind, now, cause,
+            return job_from_row(self._fail_attempt(conn, row, error, retryable, kind, now, cause,
                                            signature, peak_vram_gib))
 
     def _fail_attempt(
@@ -1049,7 +1001,7 @@ class PostgresQueue:
             if row["status"] in LIVE:
                 self._end_attempt(conn, row, "cancelled", "cancelled by operator", now)
             self._event(conn, job_id, "cancelled", now, row["attempts"], row["worker_id"])
-            return _job(done)
+            return job_from_row(done)
 
     def requeue(self, job_id: str, now: float | None = None) -> Job:
         """Give a failed or cancelled job a fresh set of attempts."""
@@ -1066,7 +1018,7 @@ class PostgresQueue:
             ).fetchone()
             assert done is not None
             self._event(conn, job_id, "requeued", now, row["attempts"])
-            return _job(done)
+            return job_from_row(done)
 
     # -- reads ------------------------------------------------------------
 
@@ -1075,7 +1027,7 @@ class PostgresQueue:
             row = conn.execute("SELECT * FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
         if row is None:
             raise JobNotFound(job_id)
-        return _job(row)
+        return job_from_row(row)
 
     def resolve(self, ref: str) -> str:
         """A job id from a name, a full id or a unique id prefix of at least 8 hex digits."""
@@ -1110,7 +1062,7 @@ class PostgresQueue:
                 "ORDER BY orphaned, manifest_index, created_at, job_id",
                 {"status": status, "model": model, "host": host},
             ).fetchall()
-        return [_job(row) for row in rows]
+        return [job_from_row(row) for row in rows]
 
     def history(self, job_id: str) -> list[Event]:
         with self._connection() as conn:
@@ -1127,7 +1079,7 @@ class PostgresQueue:
             rows = conn.execute(
                 "SELECT * FROM attempts WHERE job_id = %s ORDER BY attempt", (job_id,)
             ).fetchall()
-        return [_attempt(r) for r in rows]
+        return [attempt_from_row(r) for r in rows]
 
     def workers(self, now: float | None = None) -> list[WorkerInfo]:
         with self._connection() as conn:

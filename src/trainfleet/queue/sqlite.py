@@ -34,6 +34,7 @@ from trainfleet.manifest import HostSpec, JobSpec, Manifest
 from trainfleet.queue import retry as retry_policy
 from trainfleet.queue.base import (
     CHARGED,
+    JSON_COLUMNS,
     LIVE,
     Attempt,
     Claim,
@@ -48,7 +49,9 @@ from trainfleet.queue.base import (
     SyncResult,
     TokenInfo,
     WorkerInfo,
+    attempt_from_row,
     check_enroll_code,
+    job_from_row,
     progress_moved,
     stalled_error,
 )
@@ -301,53 +304,10 @@ def _token(row: sqlite3.Row) -> TokenInfo:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        job_id=row["job_id"],
-        name=row["name"],
-        model=row["model"],
-        mode=row["mode"],
-        hyper=json.loads(row["hyper"]),
-        split_recipe=row["split_recipe"],
-        train_hosts=tuple(json.loads(row["train_hosts"])),
-        seed=row["seed"],
-        priority=row["priority"],
-        require_cuda=bool(row["require_cuda"]),
-        prefer_cuda=bool(row["prefer_cuda"]),
-        min_vram_gib=row["min_vram_gib"],
-        min_ram_gib=row["min_ram_gib"],
-        allowed_hosts=tuple(json.loads(row["allowed_hosts"])),
-        max_attempts=row["max_attempts"],
-        max_lost=row["max_lost"],
-        timeout_s=row["timeout_s"],
-        prefer_wait_s=row["prefer_wait_s"],
-        manifest_index=row["manifest_index"],
-        orphaned=bool(row["orphaned"]),
-        status=Status(row["status"]),
-        attempts=row["attempts"],
-        attempts_charged=row["attempts_charged"],
-        lost_count=row["lost_count"],
-        worker_id=row["worker_id"],
-        hostname=row["hostname"],
-        progress=_loads(row["progress"]),
-        error=row["error"],
-        metrics=_loads(row["metrics"]),
-        artifact_id=row["artifact_id"],
-        pending_since=row["pending_since"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        heartbeat_at=row["heartbeat_at"],
-        raised_vram_gib=row["raised_vram_gib"],
-        raised_ram_gib=row["raised_ram_gib"],
-        avoid_hosts=tuple(json.loads(row["avoid_hosts"])),
-        stall_after_s=row["stall_after_s"],
-        progress_at=row["progress_at"],
-    )
-
-
-def _attempt(r: sqlite3.Row) -> Attempt:
-    return Attempt(r["job_id"], r["attempt"], r["worker_id"], r["hostname"], r["started_at"],
-                   r["ended_at"], r["outcome"], r["error"], r["cause"], r["signature"],
-                   r["peak_vram_gib"])
+    fields = dict(row)
+    for name in JSON_COLUMNS:
+        fields[name] = _loads(fields[name])
+    return job_from_row(fields)
 
 
 class SqliteQueue:
@@ -1038,7 +998,7 @@ class SqliteQueue:
             rows = self._db.execute(
                 "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
             ).fetchall()
-        return [_attempt(r) for r in rows]
+        return [attempt_from_row(r) for r in rows]
 
     def workers(self, now: float | None = None) -> list[WorkerInfo]:
         now = time.time() if now is None else now
