@@ -49,6 +49,13 @@ def test_signature_masks_what_differs_between_hosts() -> None:
     assert error_signature("KeyError: 'lr'") != error_signature("ValueError: bad")
 
 
+def test_only_absolute_paths_are_masked_not_words_with_a_slash() -> None:
+    tail = "OSError: [Errno 5] Input/output error: '/mnt/nfs/shard-3.bin'"
+    assert error_signature(tail) == "OSError: [Errno <n>] Input/output error: <str>"
+    assert error_signature("IOError: cannot read /data/x.bin") == \
+        "IOError: cannot read <path>"
+
+
 def test_no_error_line_means_no_signature() -> None:
     assert error_signature("epoch 1\nepoch 2\n") is None
     assert diagnose(-11, "").signature == "signal SIGSEGV"

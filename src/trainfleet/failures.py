@@ -38,7 +38,7 @@ ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)
 #: What varies between two runs of the same bug: numbers, addresses, paths, quoted values.
 NOISE = [
     (re.compile(r"0x[0-9a-fA-F]+"), "0x?"),
-    (re.compile(r"(?:/[\w.@+-]+)+"), "<path>"),
+    (re.compile(r"(?<!\w)(?:/[\w.@+-]+)+"), "<path>"),  # not "Input/output"
     (re.compile(r"'[^']*'|\"[^\"]*\""), "<str>"),
     (re.compile(r"\d+(?:\.\d+)?"), "<n>"),
 ]

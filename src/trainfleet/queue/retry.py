@@ -76,6 +76,12 @@ class HostAttempt:
     signature: str | None
 
 
+#: Causes that say the job was too big for its slot, not that the host is faulty: the retry
+#: already raises the job's need, and a GPU shared with someone's notebook is handled by
+#: free-VRAM placement. Quarantining for these took good GPUs away in the simulated lab.
+JOB_SIZED = frozenset({Cause.CUDA_OOM.value, Cause.RAM_OOM.value})
+
+
 def quarantine_reason(
     recent: list[HostAttempt], bug_elsewhere: bool, k: int = QUARANTINE_AFTER
 ) -> str | None:
@@ -87,6 +93,8 @@ def quarantine_reason(
     """
     causes = {a.cause for a in recent[:k]}
     if len(recent) < k or len(causes) != 1 or None in causes or bug_elsewhere:
+        return None
+    if causes & JOB_SIZED:
         return None
     if len({a.job_id for a in recent[:k]}) < k:
         return None
