@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 $(BIN)/trainfleet: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[server,postgres,zstd,examples,dev]'
+	$(BIN)/python -m pip install -q -e '.[server,postgres,zstd,s3,examples,dev]'
 	touch $@
 
 demo: $(BIN)/trainfleet      ## a real fleet on loopback: receiver, two workers, real training

@@ -1,6 +1,7 @@
 """`python -m bench`: run the benchmarks, print ours / floor / ratio and the goals, save JSON.
 
-Quick: `python -m bench --quick`; one figure: `--figures claim`; see bench/README.md.
+Quick: `python -m bench --quick`; one figure: `--figures claim`; the simulated lab alone, with a
+line per seed: `python -m bench simulate`; see bench/README.md.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--upload-mib", type=int, help="bundle size (512)")
     p.add_argument("--reload-sizes", type=_ints, help="jobs per reload (1000,10000,100000)")
     p.add_argument("--load-sizes", type=_ints, help="jobs per TOML manifest parsed (1000,10000)")
+    p.add_argument("--sim-jobs", type=int, help="jobs in the simulated lab (200)")
     p.add_argument("--idle-window", type=float, dest="idle_window_s",
                    help="seconds per idle-worker measurement window (10)")
     p.add_argument("--http", choices=["auto", "h11", "httptools"],
@@ -58,7 +60,8 @@ def options_from(args: argparse.Namespace) -> Options:
     options = QUICK if args.quick else Options()
     changes = {name: getattr(args, name) for name in (
         "runs", "claim_jobs", "claim_seconds", "claim_workers", "depths", "upload_mib",
-        "reload_sizes", "load_sizes", "idle_window_s", "http", "loop", "synchronous")
+        "reload_sizes", "load_sizes", "idle_window_s", "http", "loop", "synchronous",
+        "sim_jobs")
         if getattr(args, name) is not None}
     if args.figures:
         changes["figures"] = args.figures
@@ -70,6 +73,11 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:
+        from bench import simulate
+
+        return simulate.main(argv[1:])
     args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     results = suite.run(options_from(args), args.out)

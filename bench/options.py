@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-FIGURES = ("claim", "depth", "upload", "reload", "footprint")
+FIGURES = ("claim", "depth", "upload", "reload", "footprint", "simulate")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class Options:
     idle_window_s: float = 10.0  #: one idle-worker measurement window
     busy_window_s: float = 3.0  #: one heartbeating-worker measurement window
     heartbeat_interval_s: float = 2.0  #: the heartbeating worker's --heartbeat-interval
+    sim_jobs: int = 200  #: jobs in the simulated lab (one seed per run)
     http: str = "auto"  #: uvicorn --http for every server: auto, h11 or httptools
     loop: str = "auto"  #: uvicorn --loop: auto, asyncio or uvloop
     synchronous: str = "FULL"  #: SQLite synchronous; anything but FULL is a what-if
@@ -40,7 +41,7 @@ QUICK = Options(
 SMOKE = Options(
     runs=1, claim_jobs=50, claim_seconds=0.0, claim_workers=(2,), depths=(100, 200),
     depth_claims=10, upload_mib=1, reload_sizes=(200,), load_sizes=(200,),
-    idle_window_s=0.5, busy_window_s=0.5, heartbeat_interval_s=0.5,
+    idle_window_s=0.5, busy_window_s=0.5, heartbeat_interval_s=0.5, sim_jobs=40,
 )
 
 

@@ -64,3 +64,21 @@ def test_report_prints_a_line_per_row_and_per_goal(results: dict[str, Any]) -> N
     for row in report.rows(results):
         assert row["name"] in table
     assert report.goals_text(results["goals"]).count("\n") == len(report.GOALS) - 1
+
+
+def test_simulated_lab_runs_the_real_policy_on_and_a_naive_retry_off(
+    results: dict[str, Any],
+) -> None:
+    """Behaviour, not timing: every job ends in both modes; with the scheduler on, the
+    code bug fails after fewer attempts, fewer attempts run out of GPU memory, more jobs
+    complete and the flaky host is quarantined; off, no host ever is."""
+    runs = results["figures"]["simulate"]["runs"]
+    for on, off in zip(runs["on"], runs["off"], strict=True):
+        for run in (on, off):
+            assert run["left"] == 0 and run["completed"] + run["failed"] == SMOKE.sim_jobs
+            assert set(run["by_model"]["seg-unet"]) == {"failed"}  # the bug never completes
+        assert on["bug_attempts"] < off["bug_attempts"]
+        assert on["oom_attempts"] < off["oom_attempts"]
+        assert on["completed"] > off["completed"]
+        assert on["flaky_detected_h"] is not None and on["quarantines"].get("a100-2", 0) >= 1
+        assert off["flaky_detected_h"] is None and off["quarantines"] == {}

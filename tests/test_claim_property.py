@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +17,7 @@ HOSTS = ["h1", "h2", "pi", "tiny"]
 HOST_POLICY = '[hosts.pi]\ndeny_jobs = ["transformer"]\n[hosts.tiny]\nallow_jobs = ["gbt"]\n'
 T0 = 1_000_000.0
 
-job_fields = st.fixed_dictionaries(
+base_job_fields = st.fixed_dictionaries(
     {
         "model": st.sampled_from(["gbt", "mlp", "transformer"]),
         "mode": st.sampled_from(["realistic", "oracle"]),
@@ -28,12 +29,17 @@ job_fields = st.fixed_dictionaries(
         "allowed_hosts": st.lists(st.sampled_from(HOSTS), max_size=2, unique=True),
     }
 )
+# `gpus` is only valid on a CUDA job; None leaves the default (1 with require_cuda).
+job_fields = st.tuples(base_job_fields, st.sampled_from([None, 1, 2, 3])).map(
+    lambda pair: {**pair[0], **({"gpus": pair[1]} if pair[0]["require_cuda"] and pair[1]
+                                else {})})
 
 
 @st.composite
 def capabilities(draw: st.DrawFn) -> Capability:
     cuda = draw(st.booleans())
-    gpus = (Gpu(0, "G", draw(st.sampled_from([8.0, 24.0, 80.0]))),) if cuda else ()
+    vram = draw(st.sampled_from([8.0, 24.0, 80.0]))
+    gpus = tuple(Gpu(i, "G", vram) for i in range(draw(st.integers(1, 2)))) if cuda else ()
     return Capability(hostname=draw(st.sampled_from(HOSTS)), os="linux", cpu_count=4,
                       ram_gib=draw(st.sampled_from([2.0, 16.0, 64.0])), cuda=cuda, gpus=gpus)
 
@@ -56,10 +62,12 @@ FAILURES = [None, Cause.CUDA_OOM, Cause.RAM_OOM, Cause.TRAINER_ERROR]
     cuda_peer=st.booleans(),
     failure=st.sampled_from(FAILURES),
     fail_host=st.sampled_from(HOSTS),
+    gpus_free=st.sampled_from([None, 0, 1, 2, 3]),
 )
 def test_claim_returns_the_best_job_matching_calls_eligible(
     fresh_queue: QueueFactory, fields: list[dict[str, Any]], cap: Capability,
     own_deny: list[str], cuda_peer: bool, failure: Cause | None, fail_host: str,
+    gpus_free: int | None,
 ) -> None:
     manifest = _manifest(fields)
     q = fresh_queue()  # a new database for each example
@@ -80,10 +88,17 @@ def test_claim_returns_the_best_job_matching_calls_eligible(
         live.append(matching.Slot(peer, 80.0, matching.merge_policy(
             manifest.hosts.get("h2"), None, ())))
     pending = q.list_jobs(status="pending")
-    claim = q.claim_next("w", cap, own_deny=tuple(own_deny), now=T0 + 10)
+    claim = q.claim_next("w", cap, own_deny=tuple(own_deny), now=T0 + 10, gpus_free=gpus_free)
     q.close()
     slot = matching.Slot(cap, cap.max_vram_gib,
-                         matching.merge_policy(manifest.hosts.get(cap.hostname), None, own_deny))
+                         matching.merge_policy(manifest.hosts.get(cap.hostname), None, own_deny),
+                         gpus_free=gpus_free)
+    # The registry's slots offer their host's GPUs (every GPU index any of its slots reported).
+    host_gpus: dict[str, set[int]] = {}
+    for known in [*live, slot]:
+        host_gpus.setdefault(known.hostname, set()).update(g.index for g in known.capability.gpus)
+    live = [dataclasses.replace(s, gpus_free=len(host_gpus[s.hostname]) or None) if s.cuda
+            else s for s in live]
     live.append(slot)
     eligible = [
         j for j in pending if matching.is_eligible(j, slot, live, T0 + 10 - j.pending_since)

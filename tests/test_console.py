@@ -131,10 +131,11 @@ def test_why_says_when_no_worker_is_alive(tmp_path: Path) -> None:
 def test_workers_show_capability_and_current_job(fleet: Fleet) -> None:
     result = fleet.cli("workers")
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["HOST", "WORKER", "CORES", "RAM", "GPUS", "SEEN", "ALIVE", "JOB"]
+    assert lines[0].split() == ["HOST", "SLOT", "WORKER", "CORES", "RAM", "GPUS", "SEEN",
+                                "ALIVE", "RUNS"]
     row = next(line for line in lines if line.startswith("cpu-a"))
     assert " 4 " in row and "16G" in row and "yes" in row
-    assert fleet.running["job"]["job_id"][:12] in row
+    assert row.rstrip().endswith(fleet.running["job"]["name"])  # what the slot runs, by name
 
 
 def test_logs_prints_full_log_and_follow_streams_a_running_job(fleet: Fleet) -> None:

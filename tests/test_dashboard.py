@@ -21,6 +21,7 @@ import pytest
 
 from tests import live
 from tests.conftest import cpu, gpu, job, manifest_text
+from trainfleet.capability import Capability, Gpu
 from trainfleet.client import Client
 from trainfleet.receiver import ReceiverSettings
 
@@ -179,3 +180,49 @@ def test_dashboard_shows_live_progress_failures_and_job_detail(tmp_path: Path) -
             browser.close()
     shutil.copyfile(tmp_path / "dashboard.png", "/tmp/dashboard.png")
     shutil.copyfile(tmp_path / "dashboard-detail.png", "/tmp/dashboard-detail.png")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM}")
+def test_workers_panel_shows_each_slot_what_it_runs_and_a_quarantined_host(
+    tmp_path: Path,
+) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+    expect = sync_api.expect
+    jobs = [job("train-big", priority=9), *(job(f"broken-{i}", priority=5) for i in range(3))]
+    with serving(tmp_path / "receiver", jobs) as rx, sync_api.sync_playwright() as p:
+        client = rx.client()
+        duo = Capability(hostname="duo", os="linux", cpu_count=16, ram_gib=64.0, cuda=True,
+                         gpus=(Gpu(0, "Test GPU", 24.0),))
+        running = client.claim("duo-1234-gpu0", duo.to_dict())
+        assert running is not None and running["job"]["name"] == "train-big"
+        assert client.claim("duo-1234-cpu0", cpu("duo").to_dict(), slot=1,
+                            deny_jobs=["gbt"]) is None  # an idle slot...
+        for i in range(3):  # ...and a host whose last three jobs failed alike
+            got = client.claim("flaky-5678", cpu("flaky").to_dict())
+            assert got is not None
+            client.fail(got["job"]["job_id"], got["lease"], f"RuntimeError: fault {i}", False,
+                        "trainer_error", {"cause": "trainer_error",
+                                          "signature": f"RuntimeError: fault {i}"})
+        [flaky] = [w for w in client.workers() if w["hostname"] == "flaky"]
+        assert flaky["quarantined_until"] is not None
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.set_default_timeout(BROWSER_TIMEOUT_MS)
+            page.goto(rx.url + "/")
+            gpu0 = page.locator("#workers tr[data-worker-id='duo-1234-gpu0']")
+            expect(gpu0.locator("td").nth(1)).to_have_text("gpu0")
+            expect(gpu0).to_contain_text("train-big")
+            cpu0 = page.locator("#workers tr[data-worker-id='duo-1234-cpu0']")
+            expect(cpu0.locator("td").nth(1)).to_have_text("cpu0")
+            expect(cpu0.locator("td").last).to_have_text("—")
+            row = page.locator("#workers tr[data-worker-id='flaky-5678']")
+            expect(row.locator(".quarantine")).to_be_visible()
+            expect(row.locator(".quarantine")).to_have_text("quarantined")
+            expect(row.locator(".quarantine-reason")).to_contain_text(
+                flaky["quarantine_reason"])
+            expect(gpu0.locator(".quarantine")).to_have_count(0)
+            page.screenshot(path=str(tmp_path / "dashboard-workers.png"), full_page=True)
+        finally:
+            browser.close()

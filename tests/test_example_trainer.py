@@ -184,6 +184,7 @@ def test_manifest_command_runs_the_trainer(tmp_path: Path) -> None:
         "python": sys.executable, "model": job["model"], "mode": job["mode"],
         "seed": str(job["seed"]), "hyper_json": str(hyper_file),
         "output_dir": str(tmp_path / "out"), "split_recipe": "", "train_hosts": "",
+        "checkpoint_dir": str(tmp_path), "resume_from": "",
     }  # fmt: skip
     cmd = [part.format(**values) for part in data["trainer"]["command"]]
     env = {**os.environ, "TRAINFLEET_PROGRESS_FILE": str(tmp_path / "progress.json")}

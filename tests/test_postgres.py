@@ -18,6 +18,8 @@ from trainfleet.migrate import migrate
 from trainfleet.queue import open_queue
 from trainfleet.queue.base import FailureKind, JobQueue, Status
 from trainfleet.queue.postgres import CLAIM, ORDER_CPU, ORDER_CUDA, PostgresQueue
+from trainfleet.queue.postgres import SCHEMA_VERSION as PG_VERSION
+from trainfleet.queue.sqlite import SCHEMA_VERSION as SQLITE_VERSION
 from trainfleet.queue.sqlite import SqliteQueue
 from trainfleet.tokens import TokenKind, hash_token
 
@@ -62,7 +64,7 @@ def test_claim_walks_the_partial_index_without_sorting(pg: PostgresQueue, url: s
                                                        order: str) -> None:
     pg.sync_manifest(make_manifest([job(f"j{i}", seed=i) for i in range(50)]), now=T0)
     params = {"lease": "x", "worker_id": "w", "hostname": "h", "now": T0, "cuda": False,
-              "vram": 0.0, "ram": 8.0, "allow": None, "deny": [], "stale_after_s": 600.0}
+              "vram": 0.0, "ram": 8.0, "gpus": 0, "allow": None, "deny": [], "stale_after_s": 600.0}
     with psycopg.connect(url) as conn:
         conn.execute("SET enable_seqscan = off")
         plan = "\n".join(row[0] for row in conn.execute(
@@ -117,12 +119,12 @@ def test_receivers_opening_a_fresh_database_at_once_make_one_schema(url: str) ->
 def test_db_upgrade_creates_then_reports_up_to_date(url: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["db", "upgrade", "--db", url]) == 0
-    assert "no schema -> schema version 2" in capsys.readouterr().out
+    assert f"no schema -> schema version {PG_VERSION}" in capsys.readouterr().out
     assert cli.main(["db", "upgrade", "--db", url]) == 0
-    assert "schema version 2, up to date" in capsys.readouterr().out
+    assert f"schema version {PG_VERSION}, up to date" in capsys.readouterr().out
     sqlite_url = f"sqlite:///{tmp_path / 'q.db'}"
     assert cli.main(["db", "upgrade", "--db", sqlite_url]) == 0
-    assert "no schema -> schema version 2" in capsys.readouterr().out
+    assert f"no schema -> schema version {SQLITE_VERSION}" in capsys.readouterr().out
 
 
 def test_an_unreachable_database_is_503_and_its_password_is_never_shown() -> None:

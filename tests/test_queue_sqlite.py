@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cpu, gpu, job, make_manifest
-from trainfleet.queue.sqlite import CLAIM_CANDIDATES, ORDER_CPU, ORDER_CUDA, SqliteQueue
+from trainfleet.queue.sqlite import (
+    CLAIM_CANDIDATES,
+    CLASS_CANDIDATES,
+    CLASSES,
+    MAX_CLASSES,
+    ORDER_CPU,
+    ORDER_CUDA,
+    SqliteQueue,
+)
 
 
 def test_database_runs_in_wal_mode(tmp_path: Path) -> None:
@@ -27,7 +35,8 @@ def test_claim_query_walks_the_partial_index_without_sorting(
 ) -> None:
     SqliteQueue(tmp_path / "q.db").close()
     db = sqlite3.connect(tmp_path / "q.db")
-    params = {"cuda": 0, "vram": 0.0, "ram": 8.0, "hostname": "h", "allow": None, "deny": "[]"}
+    params = {"cuda": 0, "vram": 0.0, "ram": 8.0, "hostname": "h", "allow": None, "deny": "[]",
+              "gpus": 0}
     plan = " | ".join(
         row[3] for row in db.execute(
             "EXPLAIN QUERY PLAN " + CLAIM_CANDIDATES.format(index=index, order=order), params
@@ -35,6 +44,66 @@ def test_claim_query_walks_the_partial_index_without_sorting(
     )
     assert f"USING INDEX {index}" in plan
     assert "TEMP B-TREE" not in plan
+
+
+def test_claim_class_queries_seek_the_class_index_without_sorting(tmp_path: Path) -> None:
+    SqliteQueue(tmp_path / "q.db").close()
+    db = sqlite3.connect(tmp_path / "q.db")
+    params = {"cuda": 0, "vram": 0.0, "ram": 8.0, "hostname": "h", "allow": None, "deny": "[]",
+              "gpus": 0, "job_class": '["gbt",0,0,"[]"]'}
+    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + CLASSES))
+    assert plan.count("SEARCH jobs USING INDEX jobs_pending_class (<expr>>?)") == 2  # seeks
+    assert "TEMP B-TREE" not in plan and "SCAN jobs" not in plan
+    plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + CLASS_CANDIDATES,
+                                                   params))
+    assert plan.startswith("SEARCH jobs USING INDEX jobs_pending_class (<expr>=?)")
+    assert "TEMP B-TREE" not in plan
+
+
+DENY_TRANSFORMER = '[hosts.cpu-a]\ndeny_jobs = ["transformer"]\n'
+
+
+def _ineligible_ahead(n: int) -> list[dict[str, object]]:
+    """n jobs cpu-a may not run (CUDA only, other hosts, a model its host denies), ranked
+    ahead of one it may."""
+    kinds = [{"require_cuda": True}, {"allowed_hosts": ["elsewhere"]}, {"model": "transformer"}]
+    return [job(f"no{i}", priority=1, seed=i, **kinds[i % 3]) for i in range(n)] + [job("yes")]
+
+
+def _claim_steps(path: Path, n: int) -> int:
+    """SQLite VM steps (in hundreds) of one claim with n ineligible jobs ranked ahead."""
+    q = SqliteQueue(path)
+    q.sync_manifest(make_manifest(_ineligible_ahead(n), DENY_TRANSFORMER))
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    q._db.set_progress_handler(count, 100)
+    claim = q.claim_next("c", cpu())
+    q._db.set_progress_handler(None, 0)
+    q.close()
+    assert claim is not None and claim.job.name == "yes"
+    return steps[0]
+
+
+def test_claim_work_does_not_grow_with_ineligible_jobs_ranked_ahead(tmp_path: Path) -> None:
+    few, many = _claim_steps(tmp_path / "few.db", 30), _claim_steps(tmp_path / "many.db", 3000)
+    assert many <= 2 * few + 20, (few, many)  # a walk past them all took ~85 x as many
+
+
+def test_many_job_classes_fall_back_to_one_walk_in_rank_order(tmp_path: Path) -> None:
+    jobs = [job(f"c{i}", allowed_hosts=[f"h{i}", "cpu-a"], priority=i % 5, seed=i)
+            for i in range(MAX_CLASSES + 6)]
+    q = SqliteQueue(tmp_path / "q.db")
+    q.sync_manifest(make_manifest(jobs))
+    order = []
+    while (claim := q.claim_next("c", cpu())) is not None:
+        order.append(claim.job.name)
+    q.close()
+    ranked = sorted(range(len(jobs)), key=lambda i: (-(i % 5), i))
+    assert order == [f"c{i}" for i in ranked]
 
 
 def test_schema_newer_than_code_is_refused(tmp_path: Path) -> None:

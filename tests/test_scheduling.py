@@ -151,6 +151,10 @@ def test_older_schema_is_upgraded_in_place(queue_url: str) -> None:
              "ALTER TABLE attempts DROP COLUMN peak_vram_gib",
              "ALTER TABLE jobs DROP COLUMN stall_after_s",
              "ALTER TABLE jobs DROP COLUMN progress_at",
+             "ALTER TABLE jobs DROP COLUMN checkpoint_interval_s",
+             "ALTER TABLE jobs DROP COLUMN checkpoint_id",
+             "ALTER TABLE jobs DROP COLUMN checkpoint_at",
+             "ALTER TABLE jobs DROP COLUMN gpus",
              "DROP TABLE hosts",
              "UPDATE meta SET value = '1' WHERE key = 'schema_version'"]
     if queue_url.startswith("sqlite:///"):
@@ -283,6 +287,15 @@ def test_host_whose_last_three_attempts_failed_alike_on_different_jobs_is_quaran
     assert bad.quarantine is not None
     assert bad.quarantine.startswith("host quarantined until ")
     assert bad.quarantine.endswith(": its last 3 attempts failed on 3 different jobs with timeout")
+
+
+def test_out_of_memory_streaks_do_not_quarantine_a_host(queue: JobQueue) -> None:
+    """Jobs too big for a slot are the jobs' problem: their need is raised instead."""
+    fleet = _Fleet(queue, jobs=5)
+    for i in (1, 2, 3):
+        fleet.fail_next(T0 + i, cause=Cause.CUDA_OOM)
+    assert fleet.quarantine() == (None, None)
+    assert queue.claim_next("bad", cpu("bad"), now=T0 + 4) is not None  # the fifth job
 
 
 def test_quarantine_ends_after_its_cool_off_which_doubles_each_time(queue: JobQueue) -> None:

@@ -5,14 +5,29 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.error import HTTPError
+from urllib.parse import urlencode
+from urllib.request import Request, urlopen
 
 import pytest
 
+from tests.conftest import cpu, job, manifest_text
+from tests.live import serving
 from trainfleet import bundle
-from trainfleet.errors import ArtifactNotFound, BadRequest, DigestMismatch, PayloadTooLarge
+from trainfleet.client import Client
+from trainfleet.errors import (
+    ArtifactNotFound,
+    BadRequest,
+    DigestMismatch,
+    PayloadTooLarge,
+    ReceiverError,
+)
+from trainfleet.receiver import ReceiverSettings
 from trainfleet.store import LocalStore
 
 MB = 1 << 20
@@ -32,13 +47,14 @@ def upload(
     mode: str = "realistic",
     max_bytes: int = MB,
     chunk: int = 100,
+    kind: str = "model",
 ) -> bool:
     """Stream `data` in chunks, as the receiver does with a request body."""
     artifact_id = artifact_id or hashlib.sha256(data).hexdigest()
     with store.begin_upload(artifact_id, max_bytes) as up:
         for start in range(0, len(data), chunk):
             up.write(data[start : start + chunk])
-        return up.commit(job_id="job-1", model=model, mode=mode, host="cpu-a")
+        return up.commit(job_id="job-1", model=model, mode=mode, host="cpu-a", kind=kind)
 
 
 def index_rows(root: Path) -> list[dict[str, Any]]:
@@ -69,6 +85,7 @@ def test_upload_creates_the_layout_and_one_index_row(tmp_path: Path) -> None:
         "job_id",
         "model",
         "mode",
+        "kind",
         "size",
         "host",
         "compression",
@@ -254,3 +271,80 @@ def test_entries_filter_by_model(tmp_path: Path) -> None:
         ("gbt", "oracle"),
     }
     assert store.entries("transformer") == []
+
+
+# -- artifact kinds ----------------------------------------------------------
+
+
+def test_rows_carry_their_kind_and_rows_from_before_kinds_are_models(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    store = LocalStore(root)
+    model_id, model = gzip_bundle(b"final")
+    checkpoint_id, checkpoint = gzip_bundle(b"epoch 3")
+    assert upload(store, model) is True
+    assert upload(store, checkpoint, kind="checkpoint") is True
+    assert {r["artifact_id"]: r["kind"] for r in index_rows(root)} == {
+        model_id: "model", checkpoint_id: "checkpoint"}
+    old_id, old = gzip_bundle(b"written by an older receiver")
+    with open(root / "index.jsonl", "a") as fh:  # a row as older receivers wrote it
+        fh.write(json.dumps({"artifact_id": old_id, "model": "gbt", "mode": "realistic",
+                             "compression": "gzip", "stored_at": "2020-01-01T00:00:00"}) + "\n")
+    (root / "gbt_realistic" / old_id).mkdir()
+    (root / "gbt_realistic" / old_id / "bundle.tar.gz").write_bytes(old)
+    reopened = LocalStore(root)
+    assert reopened.entry(old_id)["kind"] == "model"
+    assert reopened.entry(checkpoint_id)["kind"] == "checkpoint"
+    assert reopened.location(model_id) == str(reopened.path(model_id))
+
+
+def test_an_unknown_kind_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "models")
+    artifact_id, data = gzip_bundle(b"weights")
+    with pytest.raises(BadRequest, match="^kind: expected one of model, checkpoint"):
+        upload(store, data, kind="bogus")
+    assert not store.has(artifact_id)
+    assert files_under(tmp_path / "models") == []
+
+
+def test_the_api_records_kind_lists_models_by_default_and_refuses_a_bogus_kind(
+    tmp_path: Path,
+) -> None:
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(manifest_text([job("a")]))
+    settings = ReceiverSettings(manifest_path=manifest, state_dir=tmp_path / "state")
+    with serving(settings) as (host, port):
+        url = f"http://{host}:{port}"
+        client = Client(url, retries=0)
+        claim = client.claim("w-1", cpu().to_dict())
+        assert claim is not None
+        artifact_id, data = gzip_bundle(b"mid-training state")
+        query = {"job_id": claim["job"]["job_id"], "lease": claim["lease"]}
+
+        def put(kind: str) -> tuple[int, dict[str, Any]]:
+            target = f"{url}/v1/model/{artifact_id}?" + urlencode({**query, "kind": kind})
+            request = Request(target, data=data, method="PUT",
+                              headers={"Content-Type": "application/octet-stream"})
+            try:
+                with urlopen(request) as answer:
+                    return answer.status, json.loads(answer.read())
+            except HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        status, answer = put("bogus")
+        assert status == 422 and "kind" in answer["error"], answer
+        assert not (tmp_path / "state" / "models" / "index.jsonl").exists()
+        assert put("checkpoint")[0] == 201
+        assert client.models() == []  # models only, by default
+        [row] = client.models(kind="checkpoint")
+        assert row["artifact_id"] == artifact_id and row["kind"] == "checkpoint"
+        assert index_rows(tmp_path / "state" / "models")[0]["kind"] == "checkpoint"
+        with pytest.raises(ReceiverError, match="kind") as refused:
+            client.models(kind="bogus")
+        assert refused.value.status == 422
+        env = {"PATH": "/usr/bin:/bin", "TRAINFLEET_RECEIVER": url}
+        listed = [subprocess.run([sys.executable, "-m", "trainfleet", "models", *flags],
+                                 capture_output=True, text=True, timeout=60, env=env)
+                  for flags in (["--json"], ["--kind", "checkpoint", "--json"])]
+        assert [p.returncode for p in listed] == [0, 0], [p.stderr for p in listed]
+        assert json.loads(listed[0].stdout) == []
+        assert [r["artifact_id"] for r in json.loads(listed[1].stdout)] == [artifact_id]

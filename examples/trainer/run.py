@@ -32,6 +32,14 @@ Arguments (the worker fills them from the manifest's placeholders):
   each name selects the shard ``crc32(name) % 4`` of the training rows (rows
   are sharded by index); the held-out rows stay the same.
 - ``--job-id``: recorded in ``metrics.json`` (default: ``TRAINFLEET_JOB_ID``).
+- ``--checkpoint-dir`` (default ``TRAINFLEET_CHECKPOINT_DIR``; empty = none): mlp and
+  transformer write a checkpoint there after every epoch (``mlp.pkl``: the pickled
+  estimator and its epoch; ``transformer.pt``: model and optimizer state_dicts, epoch
+  and the batch-order generator), under a temporary name renamed into place, so the
+  worker never uploads a half-written one.
+- ``--resume-from`` (default ``TRAINFLEET_RESUME_FROM``; empty = start afresh): such a
+  checkpoint, handed to a retried attempt; training goes on from the epoch after it
+  (the mlp as a warm start with partial_fit, the transformer with its optimizer state).
 
 Outputs in ``--out``: ``model.pkl`` (pickled sklearn estimator) or ``model.pt``
 (torch state_dict), and ``metrics.json`` with accuracy, train_seconds, n_train,
@@ -105,6 +113,24 @@ class Progress:
             self.path = None
 
 
+@dataclass
+class Checkpoints:
+    """Where this run writes its checkpoints and the one it resumes from ("" for none)."""
+
+    directory: str = ""
+    resume_from: str = ""
+
+    def save(self, name: str, write: Any) -> None:
+        """Write a checkpoint with `write(path)` under a temp name, then rename it into place:
+        the worker uploads only finished entries."""
+        if not self.directory:
+            return
+        final = Path(self.directory) / name
+        tmp = final.with_name(f".{name}.tmp")
+        write(tmp)
+        os.replace(tmp, final)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -124,6 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split-recipe", default="", help="random (default), stratified, by-day")
     parser.add_argument("--train-hosts", default="", help="comma-separated data sources")
     parser.add_argument("--job-id", default=os.environ.get("TRAINFLEET_JOB_ID", ""))
+    parser.add_argument("--checkpoint-dir",
+                        default=os.environ.get("TRAINFLEET_CHECKPOINT_DIR", ""))
+    parser.add_argument("--resume-from", default=os.environ.get("TRAINFLEET_RESUME_FROM", ""))
     return parser.parse_args(argv)
 
 
@@ -232,7 +261,9 @@ def train_gbt(data: Data, hyper: Hyper, seed: int, progress: Progress) -> Any:
     return model
 
 
-def train_mlp(data: Data, hyper: Hyper, seed: int, progress: Progress) -> Any:
+def train_mlp(
+    data: Data, hyper: Hyper, seed: int, progress: Progress, checkpoints: Checkpoints
+) -> Any:
     from sklearn.neural_network import MLPClassifier
 
     epochs = int(hyper["epochs"])
@@ -241,9 +272,17 @@ def train_mlp(data: Data, hyper: Hyper, seed: int, progress: Progress) -> Any:
         learning_rate_init=hyper["lr"],
         random_state=seed,
     )
+    done = 0
+    if checkpoints.resume_from:  # a warm start: the estimator keeps its weights and RNG
+        with open(checkpoints.resume_from, "rb") as fh:
+            saved = pickle.load(fh)
+        model, done = saved["model"], int(saved["epoch"])
+        progress.report(done / epochs, done, f"resumed after epoch {done}/{epochs}")
     classes = np.arange(10)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(done + 1, epochs + 1):
         model.partial_fit(data.x_train, data.y_train, classes=classes)
+        checkpoints.save("mlp.pkl", lambda path, epoch=epoch: path.write_bytes(
+            pickle.dumps({"model": model, "epoch": epoch}, protocol=pickle.HIGHEST_PROTOCOL)))
         progress.report(epoch / epochs, epoch, f"epoch {epoch}/{epochs} loss {model.loss_:.4f}")
     return model
 
@@ -253,9 +292,13 @@ def save_sklearn(model: Any, out: Path) -> None:
         pickle.dump(model, fh, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def run_sklearn(name: str, data: Data, hyper: Hyper, seed: int, progress: Progress) -> Result:
-    trainer = train_gbt if name == "gbt" else train_mlp
-    model = trainer(data, hyper, seed, progress)
+def run_sklearn(
+    name: str, data: Data, hyper: Hyper, seed: int, progress: Progress, checkpoints: Checkpoints
+) -> Result:
+    if name == "gbt":  # a few seconds of boosting: no checkpoints
+        model = train_gbt(data, hyper, seed, progress)
+    else:
+        model = train_mlp(data, hyper, seed, progress, checkpoints)
     accuracy = float(model.score(data.x_test, data.y_test))
     return model, accuracy, {}
 
@@ -322,7 +365,9 @@ def torch_accuracy(torch: Any, net: Any, x: Any, y: Any) -> float:
         return float((net(x).argmax(dim=1) == y).float().mean())
 
 
-def run_transformer(data: Data, hyper: Hyper, seed: int, progress: Progress) -> Result:
+def run_transformer(
+    data: Data, hyper: Hyper, seed: int, progress: Progress, checkpoints: Checkpoints
+) -> Result:
     torch = import_torch()
     seed_torch(torch, seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -337,8 +382,21 @@ def run_transformer(data: Data, hyper: Hyper, seed: int, progress: Progress) -> 
     x_train, y_train = tensors(data.x_train, data.y_train)
     x_test, y_test = tensors(data.x_test, data.y_test)
     epochs = int(hyper["epochs"])
-    for epoch in range(1, epochs + 1):
+    done = 0
+    if checkpoints.resume_from:
+        # On the CPU first: the generator's state must stay there; load_state_dict moves the
+        # model's and the optimizer's tensors to their device.
+        saved = torch.load(checkpoints.resume_from, map_location="cpu")
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        gen.set_state(saved["gen"])
+        done = int(saved["epoch"])
+        progress.report(done / epochs, done, f"resumed after epoch {done}/{epochs}")
+    for epoch in range(done + 1, epochs + 1):
         loss = torch_epoch(torch, net, opt, x_train, y_train, int(hyper["batch_size"]), gen)
+        state = {"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                 "epoch": epoch}
+        checkpoints.save("transformer.pt", lambda path, state=state: torch.save(state, path))
         progress.report(epoch / epochs, epoch, f"epoch {epoch}/{epochs} loss {loss:.4f}")
     accuracy = torch_accuracy(torch, net, x_test, y_test)
     extra = {"device": str(device), "torch": torch.__version__}
@@ -369,11 +427,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if len(data.y_train) == 0:
         raise UsageError(f"--train-hosts: {args.train_hosts!r} selects no training rows")
     started = time.perf_counter()
+    checkpoints = Checkpoints(args.checkpoint_dir, args.resume_from)
     if args.model == "transformer":
-        model, accuracy, extra = run_transformer(data, hyper, args.seed, progress)
+        model, accuracy, extra = run_transformer(data, hyper, args.seed, progress, checkpoints)
         save_torch(model, out)
     else:
-        model, accuracy, extra = run_sklearn(args.model, data, hyper, args.seed, progress)
+        model, accuracy, extra = run_sklearn(args.model, data, hyper, args.seed, progress,
+                                             checkpoints)
         save_sklearn(model, out)
     metrics = {
         "accuracy": accuracy,

@@ -51,8 +51,12 @@ def add_receiver(sub: Any) -> None:
                    help="queue database, artifact store and logs (default: ./state)")
     p.add_argument("--db", help="queue database: PATH, sqlite:///PATH, or postgresql://... "
                    "to let several receivers share it (default: STATE_DIR/queue.db)")
-    p.add_argument("--store", help="artifact store on storage every receiver sees (NFS, SMB); "
+    p.add_argument("--store", help="artifact store every receiver sees: a path (NFS, SMB) or "
+                   "s3://bucket/prefix (needs the s3 extra; credentials the boto3 way, AWS_*); "
                    "default: STATE_DIR/models, this receiver's own")
+    p.add_argument("--s3-endpoint-url", metavar="URL",
+                   help="S3 endpoint for MinIO, Ceph or another S3-compatible server "
+                   "(env: TRAINFLEET_S3_ENDPOINT_URL; default: AWS's, or AWS_ENDPOINT_URL)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8470,
                    help="port; 0 picks a free one (default: 8470)")
@@ -95,6 +99,7 @@ def run_receiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         ) from exc
     settings = ReceiverSettings(
         manifest_path=args.manifest, state_dir=args.state_dir, db=args.db, store=args.store,
+        s3_endpoint_url=args.s3_endpoint_url or environ.get("TRAINFLEET_S3_ENDPOINT_URL") or None,
         host=args.host,
         port=args.port,
         operator_token=read_token(args.operator_token_file, environ, "TRAINFLEET_OPERATOR_TOKEN"),

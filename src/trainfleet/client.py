@@ -66,8 +66,8 @@ class Client:
     client on to the next URL at once, and it stays there until that one fails in turn.
 
     Errors: a 4xx answer raises `ReceiverError(status, error, detail)` at once. A 409 to a
-    call that carries a lease (heartbeat, upload, complete, fail, upload_log) raises
-    `LeaseLost` instead (its `.status` is also 409): stop that job. Connection errors,
+    call that carries a lease (heartbeat, upload, checkpoint, complete, fail, upload_log)
+    raises `LeaseLost` instead (its `.status` is also 409): stop that job. Connection errors,
     timeouts and 5xx are retried `retries` times, then raise `ReceiverUnreachable`.
     """
 
@@ -123,14 +123,18 @@ class Client:
         allow_jobs: list[str] | tuple[str, ...] | None = None,
         deny_jobs: list[str] | tuple[str, ...] = (),
         free_vram_gib: float | None = None,
+        gpus_free: int | None = None,
     ) -> dict[str, Any] | None:
-        """Claim the best eligible job: its claim answer (job, lease, attempt, command), or None."""
+        """Claim the best eligible job: its claim answer (job, lease, attempt, command), or None.
+
+        `gpus_free`: how many GPUs of this host the slot can give one job now."""
         body = {
             "worker_id": worker_id,
             "capability": capability,
             "slot": slot,
             "slot_vram_gib": slot_vram_gib,
             "free_vram_gib": free_vram_gib,
+            **({} if gpus_free is None else {"gpus_free": gpus_free}),
             "allow_jobs": None if allow_jobs is None else list(allow_jobs),
             "deny_jobs": list(deny_jobs),
         }
@@ -162,12 +166,14 @@ class Client:
 
     def complete(
         self, job_id: str, lease: str, artifact_id: str, metrics: dict[str, Any],
-        attempt: int | None = None,
+        attempt: int | None = None, peak_vram_gib: float | None = None,
     ) -> dict[str, Any]:
         """Mark the job completed with a stored artifact; idempotent for the same lease."""
         body: dict[str, Any] = {"lease": lease, "artifact_id": artifact_id, "metrics": metrics}
         if attempt is not None:
             body["attempt"] = attempt
+        if peak_vram_gib is not None:
+            body["peak_vram_gib"] = peak_vram_gib
         path = f"/v1/job/{_seg(job_id)}/complete"
         answer: dict[str, Any] = self._json("POST", path, body=body, fenced_job_id=job_id)
         return answer
@@ -195,11 +201,15 @@ class Client:
         lease: str,
         progress: Progress | None = None,
         attempt: int | None = None,
+        kind: str | None = None,
     ) -> dict[str, Any]:
-        """Stream a bundle to the store in chunks, never holding it in memory."""
+        """Stream a bundle to the store in chunks, never holding it in memory; `kind`
+        "checkpoint" marks a trainer checkpoint rather than a finished model."""
         query = {"job_id": job_id, "lease": lease}
         if attempt is not None:
             query["attempt"] = str(attempt)
+        if kind is not None:
+            query["kind"] = kind
         path_ = f"/v1/model/{_seg(artifact_id)}"
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -210,6 +220,17 @@ class Client:
 
             raw = self._retrying("PUT", path_, send, fenced_job_id=job_id)
         answer: dict[str, Any] = json.loads(raw)
+        return answer
+
+    def checkpoint(
+        self, job_id: str, lease: str, artifact_id: str, attempt: int | None = None,
+        progress: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record an uploaded checkpoint as the job's latest; the job resource."""
+        body: dict[str, Any] = {"lease": lease, "artifact_id": artifact_id, "attempt": attempt,
+                                "progress": progress}
+        path = f"/v1/job/{_seg(job_id)}/checkpoint"
+        answer: dict[str, Any] = self._json("POST", path, body=body, fenced_job_id=job_id)
         return answer
 
     def upload_log(self, job_id: str, lease: str, attempt: int, text: str) -> None:
@@ -282,9 +303,11 @@ class Client:
         answer: dict[str, Any] = self._json("GET", f"/v1/jobs/{_seg(job_id)}/why")
         return answer
 
-    def models(self, model: str | None = None) -> list[dict[str, Any]]:
-        """Stored artifacts (index rows with their path), optionally for one model."""
-        answer = self._json("GET", "/v1/models", query={"model": model} if model else {})
+    def models(self, model: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """Stored artifacts (index rows with their path), optionally for one model; of one
+        kind, model (the receiver's default) or checkpoint."""
+        query = {"model": model, "kind": kind}
+        answer = self._json("GET", "/v1/models", query={k: v for k, v in query.items() if v})
         rows: list[dict[str, Any]] = answer["models"]
         return rows
 

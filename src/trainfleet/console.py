@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import ssl
 import sys
 import time
@@ -56,7 +57,10 @@ def add_commands(sub: Any, read_token: Callable[..., str | None]) -> None:
     p.add_argument("job")
     p.add_argument("--attempt", type=int)
     p.add_argument("--follow", "-f", action="store_true", help="stream while the job runs")
-    command("models", models, "stored artifacts").add_argument("--model")
+    p = command("models", models, "stored artifacts")
+    p.add_argument("--model")
+    p.add_argument("--kind", choices=["model", "checkpoint"], default="model",
+                   help="which artifacts to list (default: model)")
     p = command("pull", pull, "download a job's (or an artifact's) bundle, verified")
     p.add_argument("ref", metavar="JOB|ARTIFACT")
     p.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR")
@@ -122,6 +126,15 @@ def _progress(job: Mapping[str, Any]) -> str:
     text = f"{100 * fraction:.0f}%" if isinstance(fraction, int | float) else ""
     message = progress.get("message")
     return f"{text} {message}".strip() if message else text
+
+
+def _checkpoint(job: Mapping[str, Any]) -> str:
+    """The job's last checkpoint and its age: what a retry resumes from."""
+    if not job.get("checkpoint_id"):
+        off = " (checkpoint uploads off)" if job.get("checkpoint_interval_s") == 0 else ""
+        return "-" + off
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["checkpoint_at"]))
+    return f"{job['checkpoint_id']} (at {at}, {ago(job['checkpoint_at'])} ago)"
 
 
 def _first_line(text: str | None) -> str:
@@ -202,6 +215,7 @@ def show(args: argparse.Namespace, client: Client) -> int:
     print(f"{'artifact:':<15} {job['artifact_id'] or '-'}")
     if job["artifact_path"]:
         print(f"{'path:':<15} {job['artifact_path']}")
+    print(f"{'checkpoint:':<15} {_checkpoint(job)}")
     if job["error"]:
         print(f"{'error:':<15} {_first_line(job['error'])}")
     print("\nattempts:")
@@ -264,13 +278,17 @@ def workers(args: argparse.Namespace, client: Client) -> int:
     fleet = client.workers()
     if args.json:
         return _print_json(fleet)
-    rows = [["HOST", "WORKER", "CORES", "RAM", "GPUS", "SEEN", "ALIVE", "JOB"]]
-    for w in fleet:
+    rows = [["HOST", "SLOT", "WORKER", "CORES", "RAM", "GPUS", "SEEN", "ALIVE", "RUNS"]]
+    for w in fleet:  # one row per slot, a host's slots together
         cap = w["capability"]
         gpus = ", ".join(f"{g['name']} {g['vram_gib']:g}G" for g in cap.get("gpus", [])) or "-"
-        rows.append([w["hostname"], w["worker_id"], str(cap.get("cpu_count", "?")),
-                     f"{cap.get('ram_gib', 0):g}G", gpus, ago(w["last_seen"]),
-                     "yes" if w["alive"] else "no", ",".join(j[:12] for j in w["jobs"]) or "-"])
+        names = w.get("job_names") or [j[:12] for j in w["jobs"]]
+        alive = "yes" if w["alive"] else "no"
+        if w.get("quarantined_until"):
+            alive += " (quarantined)"
+        rows.append([w["hostname"], slot_name(w["worker_id"]), w["worker_id"],
+                     str(cap.get("cpu_count", "?")), f"{cap.get('ram_gib', 0):g}G", gpus,
+                     ago(w["last_seen"]), alive, ", ".join(names) or "-"])
     _table(rows)
     quarantined = {w["hostname"]: w for w in fleet if w.get("quarantined_until")}
     for host, w in sorted(quarantined.items()):
@@ -278,6 +296,12 @@ def workers(args: argparse.Namespace, client: Client) -> int:
         print(f"quarantined: {host} until {until}: {w['quarantine_reason']} "
               f"(lift with `trainfleet workers --release {host}`)")
     return 0
+
+
+def slot_name(worker_id: str) -> str:
+    """The slot a worker id names ("gpu0", "cpu1": what `--slots` appends), or "-"."""
+    suffix = worker_id.rsplit("-", 1)[-1]
+    return suffix if re.fullmatch(r"(gpu|cpu)\d+", suffix) else "-"
 
 
 def logs(args: argparse.Namespace, client: Client) -> int:
@@ -307,7 +331,7 @@ def _new_part(shown: str, text: str) -> str:
 
 
 def models(args: argparse.Namespace, client: Client) -> int:
-    rows_in = client.models(args.model)
+    rows_in = client.models(args.model, args.kind)
     if args.json:
         return _print_json(rows_in)
     rows = [["ARTIFACT", "MODEL", "MODE", "SIZE", "JOB", "HOST", "PATH"]]
@@ -316,7 +340,7 @@ def models(args: argparse.Namespace, client: Client) -> int:
                      f"{r.get('size', 0) / 1e6:.1f}MB", (r.get("job_id") or "-")[:12],
                      str(r.get("host") or "-"), r["path"]])
     if len(rows) == 1:
-        print("no artifacts stored")
+        print("no artifacts stored" if args.kind == "model" else f"no {args.kind}s stored")
         return 0
     _table(rows)
     return 0

@@ -166,6 +166,7 @@ class _JobView:
         self.effective_vram_gib: float = job.get("effective_vram_gib", self.min_vram_gib)
         self.effective_ram_gib: float = job.get("effective_ram_gib", self.min_ram_gib)
         self.avoid_hosts: tuple[str, ...] = tuple(job.get("avoid_hosts", ()))
+        self.gpus: int = job.get("gpus", 0)
 
 
 def _reasons(job: dict[str, Any], slots: list[matching.Slot]) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ from typing import Any
 from trainfleet.errors import ManifestError
 
 SCHEMA_VERSION = 1
+MAX_GPUS = 64  #: the most GPUs one job may ask for (`gpus`)
 HYPER_TYPES = ("int", "float", "str", "bool")
 ID_FIELDS = ("model", "mode", "hyper", "split_recipe", "train_hosts", "seed")
 
@@ -33,6 +34,8 @@ DEFAULTABLE: dict[str, Any] = {
     "timeout_s": 86400.0,
     "prefer_wait_s": 3600.0,
     "stall_after_s": 0.0,
+    "checkpoint_interval_s": 300.0,
+    "gpus": None,  #: None: 1 when require_cuda, else 0
 }
 JOB_KEYS = {"name", "model", "mode", "hyper", "split_recipe", "train_hosts", "seed"} | set(
     DEFAULTABLE
@@ -88,6 +91,10 @@ class JobSpec:
     prefer_wait_s: float = 3600.0
     #: fail a live job whose progress has not moved for this long (0: never)
     stall_after_s: float = 0.0
+    #: upload the trainer's newest checkpoint this often (and at shutdown); 0: never
+    checkpoint_interval_s: float = 300.0
+    #: GPUs of one host the job needs at once (0: a CPU job; >= 1 only with require_cuda)
+    gpus: int = 0
     manifest_index: int = 0  #: position in the manifest; the last tie-breaker of claim order
 
     @property
@@ -221,10 +228,14 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "timeout_s": (lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
     "prefer_wait_s": (lambda v: _is_number(v) and v >= 0, "a number of seconds >= 0"),
     "stall_after_s": (lambda v: _is_number(v) and v >= 0, "a number of seconds >= 0 (0: off)"),
+    "checkpoint_interval_s": (lambda v: _is_number(v) and v >= 0,
+                              "a number of seconds >= 0 (0: off)"),
+    "gpus": (lambda v: _is_int(v) and 1 <= v <= MAX_GPUS, f"an integer from 1 to {MAX_GPUS}"),
     "split_recipe": (lambda v: isinstance(v, str), "a string"),
     "name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
 }
-_FLOAT_FIELDS = {"min_vram_gib", "min_ram_gib", "timeout_s", "prefer_wait_s", "stall_after_s"}
+_FLOAT_FIELDS = {"min_vram_gib", "min_ram_gib", "timeout_s", "prefer_wait_s", "stall_after_s",
+                 "checkpoint_interval_s"}
 _HYPER_CHECKS: dict[str, Callable[[Any], bool]] = {
     "int": _is_int,
     "float": _is_number,
@@ -408,6 +419,12 @@ class _Validator:
             values.update(spec.defaults)
         values.update(self.fields(raw, where))
         hyper = self.hyper(raw.get("hyper", {}), spec, where + "hyper")
+        gpus = values["gpus"]
+        if gpus is None:
+            gpus = 1 if values["require_cuda"] else 0
+        elif not values["require_cuda"]:
+            self.problems.append(f"{where}gpus: gpus = {gpus} needs require_cuda = true "
+                                 "(a job on GPUs must require CUDA)")
         if len(self.problems) > before:
             return None
         return JobSpec(
@@ -429,6 +446,8 @@ class _Validator:
             timeout_s=values["timeout_s"],
             prefer_wait_s=values["prefer_wait_s"],
             stall_after_s=values["stall_after_s"],
+            checkpoint_interval_s=values["checkpoint_interval_s"],
+            gpus=gpus,
             manifest_index=index,
         )
 

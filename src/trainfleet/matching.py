@@ -31,6 +31,8 @@ class Needs(Protocol):
     def effective_ram_gib(self) -> float: ...
     @property
     def allowed_hosts(self) -> tuple[str, ...]: ...
+    @property
+    def gpus(self) -> int: ...
 
 
 class JobLike(Needs, Protocol):
@@ -77,12 +79,17 @@ def merge_policy(
 
 @dataclass(frozen=True)
 class Slot:
-    """One place a job can run: a host's capability, the slot's own VRAM and its policy."""
+    """One place a job can run: a host's capability, the slot's own VRAM and its policy.
+
+    `gpus_free` is how many GPUs of its host the slot can hand one job: at claim time, itself
+    and its idle sibling GPU slots with at least its free VRAM; in the registry, the host's
+    GPU count. None means one for a CUDA slot, none for a CPU one."""
 
     capability: Capability
     vram_gib: float
     policy: Policy = Policy()
     quarantine: str | None = None  #: "host quarantined until T: reason" while it is
+    gpus_free: int | None = None
 
     @property
     def cuda(self) -> bool:
@@ -91,6 +98,13 @@ class Slot:
     @property
     def hostname(self) -> str:
         return self.capability.hostname
+
+    @property
+    def gpus(self) -> int:
+        """The GPUs this slot can offer one job (gpus_free, or its default)."""
+        if self.gpus_free is not None:
+            return self.gpus_free
+        return 1 if self.cuda else 0
 
 
 def hard_reasons(job: Needs, slot: Slot) -> list[str]:
@@ -111,6 +125,8 @@ def hard_reasons(job: Needs, slot: Slot) -> list[str]:
             reasons.append(f"host policy: {cap.hostname} denies {job.model!r}")
     if job.require_cuda and not cap.cuda:
         reasons.append(f"requires CUDA; {cap.hostname} has no CUDA GPU")
+    if job.gpus > slot.gpus and cap.cuda:  # a CPU slot already failed the CUDA rule
+        reasons.append(f"needs {job.gpus} GPUs on one host, this slot can offer {slot.gpus}")
     vram, ram = job.effective_vram_gib, job.effective_ram_gib
     if vram > slot.vram_gib:
         reasons.append(f"needs {vram:g} GiB VRAM{_raised(vram, job.min_vram_gib)}; "

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from trainfleet import bundle, capability, trainer_process
+from trainfleet import bundle, capability, checkpoint, trainer_process
 from trainfleet.capability import Capability, Gpu, detect, self_test
 from trainfleet.client import Client
 from trainfleet.errors import LeaseLost, ReceiverError, ReceiverUnreachable, TrainfleetError
@@ -37,6 +37,9 @@ from trainfleet.failures import Diagnosis, diagnose
 log = logging.getLogger("trainfleet.worker")
 
 CHILD_POLL_S = 0.2
+#: How often the trainer's GPU memory is sampled (nvidia-smi costs ~50 ms, so never below 2 s);
+#: also at each heartbeat, and the peak goes with the heartbeat, the failure and the completion.
+VRAM_SAMPLE_S = 3.0
 LOG_TAIL_BYTES = 4096  #: sent with each heartbeat
 ERROR_TAIL_BYTES = 2048  #: sent as a failed attempt's error
 MAX_LOG_BYTES = 8 << 20  #: the most of a trainer log uploaded (its end)
@@ -83,6 +86,10 @@ class _Outcome(Enum):
     SHUTDOWN = "shutdown"  #: the worker was asked to stop
 
 
+#: Outcomes that hand the job back with our lease still live: its last checkpoint is uploaded.
+_HANDED_BACK = (_Outcome.SHUTDOWN, _Outcome.TIMEOUT)
+
+
 @dataclass(frozen=True)
 class _Attempt:
     """One claim of a job, and where its files live on this worker."""
@@ -91,6 +98,7 @@ class _Attempt:
     lease: str
     attempt: int
     run_dir: Path
+    resume_from: str = ""  #: the unpacked checkpoint this attempt resumes from; "": none
 
     @property
     def short(self) -> str:
@@ -112,6 +120,10 @@ class _Attempt:
     def progress_path(self) -> Path:
         return self.run_dir / "progress.json"
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
 
 @dataclass(frozen=True)
 class _Delivery:
@@ -125,6 +137,7 @@ class _Delivery:
     size: int
     metrics: dict[str, Any]
     log: str
+    peak_vram_gib: float | None = None  #: the trainer's, sampled up to its exit
 
 
 class Worker:
@@ -145,6 +158,9 @@ class Worker:
         self._stopping = False
         self._wake = threading.Event()  #: set only when asked to stop
         self._peak_vram_gib: float | None = None  #: the running attempt's, sampled
+        self.pool: GpuPool | None = None  #: set when this is a GPU slot of a SlotGroup
+        self._gpus = 1  #: how many GPUs the running attempt holds (its peak is per GPU)
+        self._devices: str | None = None  #: the running attempt's CUDA_VISIBLE_DEVICES
         client.stop_event = self._wake
 
     def run(self) -> int:
@@ -178,28 +194,38 @@ class Worker:
         if self._stopping:
             return False
         cap = self._capability()
+        if self.pool is not None:
+            return self.pool.claim_and_run(self)
+        known = _known_free([cap])
+        free = self._free_vram_gib(cap, known)
+        # One slot using the whole host: its GPUs with at least the free memory it claims by.
+        gpus = sum(1 for gpu in cap.gpus if _free_of(gpu, known) >= (free or 0.0)) \
+            if cap.cuda else 0
+        claim = self._claim(cap, free, gpus)
+        if claim is None:
+            return False
+        self._run_job(claim)
+        return True
+
+    def _claim(self, cap: Capability, free: float | None, gpus_free: int
+               ) -> dict[str, Any] | None:
         allow = self.settings.allow_jobs
-        claim = self.client.claim(
+        return self.client.claim(
             self.worker_id,
             cap.to_dict(),
             slot=self.settings.slot,
             slot_vram_gib=cap.max_vram_gib,
             allow_jobs=None if allow is None else list(allow),
             deny_jobs=list(self.settings.deny_jobs),
-            free_vram_gib=self._free_vram_gib(cap),
+            free_vram_gib=free,
+            gpus_free=gpus_free,
         )
-        if claim is None:
-            return False
-        self._run_job(claim)
-        return True
 
-    def _free_vram_gib(self, cap: Capability) -> float | None:
+    def _free_vram_gib(self, cap: Capability, known: dict[int, float] | None = None
+                       ) -> float | None:
         """The most free memory of this slot's GPUs now: read from nvidia-smi, or given by the
         capability file; None when unknown (the claim then goes by the total)."""
-        known = {gpu.index: gpu.free_vram_gib for gpu in cap.gpus
-                 if gpu.free_vram_gib is not None}
-        if "gpus" not in cap.overridden and cap.gpus:
-            known = capability.free_vram()
+        known = _known_free([cap]) if known is None else known
         free = [known[gpu.index] for gpu in cap.gpus if gpu.index in known]
         return max(free) if free else None
 
@@ -258,6 +284,7 @@ class Worker:
         what = f"{job.get('name')}, model {job.get('model')}, mode {job.get('mode')}"
         log.info("claimed job %s (%s, attempt %d)", att.short, what, att.attempt)
         _prepare_run_dir(att, job.get("hyper") or {})
+        att = dataclasses.replace(att, resume_from=self._fetch_checkpoint(claim, att))
         self._peak_vram_gib = None
         try:
             argv = fill_command(claim["command"], self._placeholders(job, att))
@@ -276,10 +303,15 @@ class Worker:
             float(claim.get("heartbeat_interval_s") or self.settings.heartbeat_interval_s),
         )
         started = time.monotonic()
-        outcome = self._supervise(child, att, timeout_s, interval_s)
+        uploads = self._checkpoints(att, float(job.get("checkpoint_interval_s") or 0))
+        outcome = self._supervise(child, att, timeout_s, interval_s, uploads)
         elapsed_s = time.monotonic() - started
         trainer_process.signal_group(child, kill=True)  # leftovers of a finished trainer
         trainer_process.finished(self.state_dir)
+        if outcome in _HANDED_BACK or (outcome is _Outcome.EXITED and child.returncode != 0):
+            uploads.final()  # the lease is still ours: keep the trainer's last checkpoint
+        else:
+            uploads.wait()
 
         if outcome is _Outcome.EXITED and child.returncode == 0:
             log.info("job %s: trainer finished in %.0f s", att.short, elapsed_s)
@@ -305,6 +337,32 @@ class Worker:
         else:
             log.warning("job %s: lease lost; trainer stopped, nothing reported", att.short)
 
+    def _fetch_checkpoint(self, claim: dict[str, Any], att: _Attempt) -> str:
+        """Download and unpack the job's last checkpoint; its path, or "" to start afresh
+        (a checkpoint that cannot be had never fails the job)."""
+        artifact_id = claim.get("resume_from")
+        if not artifact_id:
+            return ""
+        try:
+            got = self.client.download(str(artifact_id), att.run_dir / "resume.bundle")
+            try:
+                path = checkpoint.unpack(got, att.run_dir / "resume")
+            finally:
+                got.unlink(missing_ok=True)
+        except (OSError, TrainfleetError) as exc:
+            log.warning("job %s: checkpoint %s unavailable, starting from scratch: %s",
+                        att.short, str(artifact_id)[:12], exc)
+            shutil.rmtree(att.run_dir / "resume", ignore_errors=True)
+            return ""
+        log.info("job %s: resuming from checkpoint %s", att.short, str(artifact_id)[:12])
+        return str(path)
+
+    def _checkpoints(self, att: _Attempt, interval_s: float) -> checkpoint.Uploader:
+        return checkpoint.Uploader(
+            self.client, att.job_id, att.lease, att.attempt, att.checkpoint_dir,
+            att.run_dir / "checkpoint-upload", interval_s,
+            lambda: read_progress(att.progress_path))
+
     def _placeholders(self, job: dict[str, Any], att: _Attempt) -> dict[str, str]:
         seed = job.get("seed")
         return {
@@ -317,6 +375,8 @@ class Worker:
             "hyper_json": str(att.hyper_path),
             "output_dir": str(att.out_dir),
             "job_id": att.job_id,
+            "checkpoint_dir": str(att.checkpoint_dir),
+            "resume_from": att.resume_from,
         }
 
     def _spawn(self, argv: list[str], att: _Attempt) -> subprocess.Popen[bytes]:
@@ -326,11 +386,14 @@ class Worker:
             "TRAINFLEET_ATTEMPT": str(att.attempt),
             "TRAINFLEET_OUTPUT_DIR": str(att.out_dir),
             "TRAINFLEET_PROGRESS_FILE": str(att.progress_path),
+            "TRAINFLEET_CHECKPOINT_DIR": str(att.checkpoint_dir),
+            "TRAINFLEET_RESUME_FROM": att.resume_from,
             "TRAINFLEET_RECEIVER": self.settings.receiver_url,
         }
         env.setdefault("PYTHONUNBUFFERED", "1")  # so heartbeat log tails are live
-        if self.settings.visible_devices is not None:  # the slot's own GPU, or none
-            env["CUDA_VISIBLE_DEVICES"] = self.settings.visible_devices
+        devices = self._devices if self._devices is not None else self.settings.visible_devices
+        if devices is not None:  # the slot's own GPU (and any it borrowed), or none
+            env["CUDA_VISIBLE_DEVICES"] = devices
         return trainer_process.start(argv, self.settings.workdir, env, att.log_path,
                                      self.state_dir)
 
@@ -340,13 +403,17 @@ class Worker:
         att: _Attempt,
         timeout_s: float | None,
         interval_s: float,
+        uploads: checkpoint.Uploader | None = None,
     ) -> _Outcome:
-        """Watch the trainer, heartbeating when due; stop it on cancel, 409, timeout or stop."""
+        """Watch the trainer, heartbeating (and uploading its checkpoints) when due; stop it
+        on cancel, 409, timeout or stop."""
         started = time.monotonic()
-        next_beat = started
+        next_beat = next_sample = started
         while child.poll() is None:
             now = time.monotonic()
             outcome: _Outcome | None = None
+            if uploads is not None and uploads.due(now):
+                uploads.start(now)
             if self._stopping:
                 outcome = _Outcome.SHUTDOWN
             elif timeout_s is not None and now - started >= timeout_s:
@@ -355,6 +422,10 @@ class Worker:
                 self._sample_vram(child)
                 outcome = self._beat(att)
                 next_beat = now + interval_s
+                next_sample = now + VRAM_SAMPLE_S
+            elif now >= next_sample:  # so a peak after the last heartbeat is not lost
+                self._sample_vram(child)
+                next_sample = now + VRAM_SAMPLE_S
             if outcome is not None:
                 self._terminate(child)
                 return outcome
@@ -366,6 +437,8 @@ class Worker:
         if self.capability is None or not self.capability.cuda:
             return
         held = capability.processes_vram_gib(trainer_process.members(child))
+        if held is not None and self._gpus > 1:
+            held = round(held / self._gpus, 2)  # per GPU, as min_vram_gib is declared
         if held is not None and held > (self._peak_vram_gib or 0.0):
             self._peak_vram_gib = held
 
@@ -445,6 +518,7 @@ class Worker:
             size=made.size,
             metrics=_read_metrics(att.out_dir / "metrics.json"),
             log=str(att.log_path),
+            peak_vram_gib=self._peak_vram_gib,
         )
         record = self.spool_dir / f"{name}.json"
         _write_atomic(record, json.dumps(asdict(delivery), indent=2))
@@ -472,7 +546,8 @@ class Worker:
         try:
             self._upload_bundle(d)
             self._upload_log(d.job_id, d.lease, d.attempt, Path(d.log))
-            self.client.complete(d.job_id, d.lease, d.artifact_id, d.metrics, attempt=d.attempt)
+            self.client.complete(d.job_id, d.lease, d.artifact_id, d.metrics, attempt=d.attempt,
+                                 peak_vram_gib=d.peak_vram_gib)
             log.info("job %s: completed with artifact %s", d.job_id[:12], d.artifact_id[:12])
         except LeaseLost as exc:
             log.warning("job %s: %s; its result is discarded", d.job_id[:12], exc.message)
@@ -569,6 +644,7 @@ def _prepare_run_dir(att: _Attempt, hyper: dict[str, Any]) -> None:
     """A fresh, empty output dir (a rerun attempt must not inherit files) and the hyper JSON."""
     shutil.rmtree(att.run_dir, ignore_errors=True)
     att.out_dir.mkdir(parents=True)
+    att.checkpoint_dir.mkdir()
     att.hyper_path.write_text(json.dumps(hyper, indent=2, sort_keys=True), encoding="utf-8")
     att.log_path.touch()
 
@@ -617,6 +693,67 @@ def _device(index: int, inherited: list[str] | None) -> str:
     return inherited[index] if inherited is not None and index < len(inherited) else str(index)
 
 
+def _known_free(caps: list[Capability]) -> dict[int, float]:
+    """Free memory by GPU index: one nvidia-smi call, or what the capability file says."""
+    if any("gpus" not in cap.overridden and cap.gpus for cap in caps):
+        return capability.free_vram()
+    return {gpu.index: gpu.free_vram_gib for cap in caps for gpu in cap.gpus
+            if gpu.free_vram_gib is not None}
+
+
+def _free_of(gpu: Gpu, known: dict[int, float]) -> float:
+    """A GPU's free memory now, or its total when unknown (as the claim goes by)."""
+    return known.get(gpu.index, gpu.vram_gib)
+
+
+class GpuPool:
+    """The GPU slots of one daemon, so a job may take several GPUs of the host at once.
+
+    Claims go one at a time under the lock. A slot offers the receiver `gpus_free`: itself
+    plus its idle siblings with at least its own free memory, so a job on N of them fits each
+    (the slot with the least free memory makes the host's widest offer). A job with gpus = N
+    borrows N-1 of those siblings, which claim nothing until it ends."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.lock = threading.Lock()
+        self.workers = workers
+        self._busy: set[int] = set()  #: slots running a job or lent to one, by id()
+
+    def claim_and_run(self, me: Worker) -> bool:
+        """Claim for `me` with the GPUs the host can give now; run the job; True if one ran."""
+        with self.lock:
+            if id(me) in self._busy:
+                return False  # lent to a sibling's job
+            caps = [w._capability() for w in self.workers]
+            known = _known_free(caps)
+            free = {id(w): max((_free_of(g, known) for g in cap.gpus), default=0.0)
+                    for w, cap in zip(self.workers, caps, strict=True)}
+            mine = me._free_vram_gib(me._capability(), known)
+            idle = sorted((w for w in self.workers
+                           if w is not me and id(w) not in self._busy
+                           and free[id(w)] >= free[id(me)]),
+                          key=lambda w: -free[id(w)])
+            claim = me._claim(me._capability(), mine, 1 + len(idle))
+            if claim is None:
+                return False
+            gpus = max(1, int(claim["job"].get("gpus") or 1))
+            lent = idle[:gpus - 1]
+            held = [me, *lent]
+            self._busy.update(id(w) for w in held)
+        me._gpus = len(held)
+        me._devices = ",".join(w.settings.visible_devices or "" for w in held)
+        if lent:
+            log.info("job %s takes %d GPUs: CUDA_VISIBLE_DEVICES=%s",
+                     str(claim["job"]["job_id"])[:12], len(held), me._devices)
+        try:
+            me._run_job(claim)
+        finally:
+            me._gpus, me._devices = 1, None
+            with self.lock:
+                self._busy.difference_update(id(w) for w in held)
+        return True
+
+
 class SlotGroup:
     """Several slots of one host in one daemon: each claims and runs on its own thread."""
 
@@ -639,6 +776,10 @@ class SlotGroup:
             ), make_client(), spec.narrow(cap))
             for number, spec in enumerate(plan)
         ]
+        gpu_slots = [w for w, spec in zip(workers, plan, strict=True) if spec.gpu is not None]
+        pool = GpuPool(gpu_slots)
+        for worker in gpu_slots:
+            worker.pool = pool
         return cls(workers)
 
     def run(self) -> int:

@@ -64,6 +64,12 @@ def stalled_error(row: Mapping[str, Any], idle_s: float) -> str:
             f"{where}")
 
 
+def checkpoint_detail(progress: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The step and fraction a checkpoint was taken at, for its 'checkpoint' event."""
+    found = progress or {}
+    return {key: found[key] for key in ("step", "fraction") if key in found}
+
+
 @dataclass(frozen=True)
 class Job:
     job_id: str
@@ -106,6 +112,11 @@ class Job:
     avoid_hosts: tuple[str, ...] = ()  #: hosts it failed on: the next attempt goes elsewhere
     stall_after_s: float = 0.0  #: 0: never failed as stalled
     progress_at: float | None = None  #: when this attempt's progress last moved (or began)
+    checkpoint_interval_s: float = 300.0  #: how often the worker uploads a checkpoint; 0: never
+    #: The last checkpoint a worker uploaded (an artifact id): a requeued attempt resumes from it.
+    checkpoint_id: str | None = None
+    checkpoint_at: float | None = None
+    gpus: int = 0  #: GPUs of one host it needs at once (0: a CPU job)
 
     @property
     def effective_vram_gib(self) -> float:
@@ -142,6 +153,7 @@ class JobNeeds:
     raised_vram_gib: float
     raised_ram_gib: float
     allowed_hosts: tuple[str, ...]
+    gpus: int = 0
 
     @property
     def effective_vram_gib(self) -> float:
@@ -214,6 +226,9 @@ class WorkerInfo:
     jobs: tuple[str, ...]
     quarantined_until: float | None = None  #: its host claims nothing until then
     quarantine_reason: str | None = None
+    job_names: tuple[str, ...] = ()  #: the names of `jobs`, in the same order
+    #: the GPUs its host has, as the registry knows them (see with_host_gpus); 0: none
+    host_gpus: int = 0
 
     @property
     def quarantine(self) -> str | None:
@@ -225,7 +240,8 @@ class WorkerInfo:
     def slot(self, quarantine: bool = True) -> Slot:
         """The worker's slot for matching (with its host's quarantine unless told not to)."""
         return Slot(self.capability, self.slot_vram_gib, self.policy,
-                    self.quarantine if quarantine else None)
+                    self.quarantine if quarantine else None,
+                    self.host_gpus if self.capability.cuda and self.host_gpus else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -241,7 +257,21 @@ class WorkerInfo:
             "jobs": list(self.jobs),
             "quarantined_until": self.quarantined_until,
             "quarantine_reason": self.quarantine_reason,
+            "job_names": list(self.job_names),
+            "host_gpus": self.host_gpus,
         }
+
+
+def with_host_gpus(workers: list[WorkerInfo]) -> list[WorkerInfo]:
+    """Each worker with its host's GPU count: the distinct GPUs all its slots reported.
+
+    A slot's claim offers the GPUs free now; the registry's rules (why, unschedulable) go by
+    what the host has, as they go by a slot's total VRAM rather than its free VRAM."""
+    seen: dict[str, set[int]] = {}
+    for w in workers:
+        if w.capability.cuda:
+            seen.setdefault(w.hostname, set()).update(gpu.index for gpu in w.capability.gpus)
+    return [dataclasses.replace(w, host_gpus=len(seen.get(w.hostname, ()))) for w in workers]
 
 
 @dataclass(frozen=True)
@@ -357,6 +387,7 @@ class JobQueue(Protocol):
         now: float | None = None,
         *,
         free_vram_gib: float | None = None,
+        gpus_free: int | None = None,
     ) -> Claim | None: ...
     def heartbeat(
         self,
@@ -375,6 +406,8 @@ class JobQueue(Protocol):
         artifact_id: str,
         metrics: Mapping[str, Any] | None = None,
         now: float | None = None,
+        *,
+        peak_vram_gib: float | None = None,
     ) -> Job: ...
     def fail(
         self,
@@ -388,6 +421,18 @@ class JobQueue(Protocol):
         cause: Cause | None = None,
         signature: str | None = None,
         peak_vram_gib: float | None = None,
+    ) -> Job: ...
+    # record_checkpoint: the job's last checkpoint is now `artifact_id` (already stored); fenced
+    # on the lease like heartbeat, one 'checkpoint' event. Kept across retries, sweeps and
+    # operator requeues, so the next attempt (on any host) resumes from it.
+    def record_checkpoint(
+        self,
+        job_id: str,
+        lease: str,
+        artifact_id: str,
+        now: float | None = None,
+        *,
+        progress: Mapping[str, Any] | None = None,
     ) -> Job: ...
     def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job: ...
     def attempt_lease_matches(self, job_id: str, attempt: int, lease: str) -> bool: ...

@@ -53,13 +53,15 @@ from trainfleet.queue.base import (
     WorkerInfo,
     attempt_from_row,
     check_enroll_code,
+    checkpoint_detail,
     job_from_row,
     progress_moved,
     stalled_error,
+    with_host_gpus,
 )
 from trainfleet.tokens import TokenKind
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Upgrade steps: MIGRATIONS[v] is the SQL that takes schema v-1 to v. postgres.sql is
 #: always the newest schema, so a fresh database never runs these.
 MIGRATIONS: dict[int, str] = {
@@ -82,6 +84,13 @@ CREATE TABLE IF NOT EXISTS hosts (
     quarantines       integer NOT NULL DEFAULT 0,  -- so far: each cool-off doubles
     counts_since      float8 NOT NULL DEFAULT 0 -- attempts that ended earlier no longer count
 );
+""",
+    3: """
+ALTER TABLE jobs ADD COLUMN checkpoint_interval_s float8 NOT NULL DEFAULT 300;
+ALTER TABLE jobs ADD COLUMN checkpoint_id text;
+ALTER TABLE jobs ADD COLUMN checkpoint_at float8;
+ALTER TABLE jobs ADD COLUMN gpus integer NOT NULL DEFAULT 0;
+UPDATE jobs SET gpus = 1 WHERE require_cuda;
 """,
 }
 HEX = set("0123456789abcdef")
@@ -130,6 +139,7 @@ WITH picked AS (
           AND NOT EXISTS (SELECT 1 FROM hosts AS h WHERE h.hostname = %(hostname)s
                                                      AND h.quarantined_until > %(now)s)
           AND (NOT j.require_cuda OR %(cuda)s)
+          AND j.gpus <= %(gpus)s
           AND greatest(j.min_vram_gib, j.raised_vram_gib) <= %(vram)s
           AND greatest(j.min_ram_gib, j.raised_ram_gib) <= %(ram)s
           AND (j.allowed_hosts = '[]' OR j.allowed_hosts ? %(hostname)s)
@@ -155,6 +165,10 @@ WITH picked AS (
                      AND NOT EXISTS (SELECT 1 FROM hosts AS h WHERE h.hostname = w.hostname
                                                                 AND h.quarantined_until > %(now)s)
                      AND (NOT j.require_cuda OR w.cuda)
+                     AND (j.gpus <= 1 OR j.gpus <= (
+                         SELECT count(DISTINCT g ->> 'index') FROM workers AS o,
+                                jsonb_array_elements(o.capability -> 'gpus') AS g
+                         WHERE o.hostname = w.hostname AND o.cuda))
                      AND (w.allow_jobs IS NULL OR w.allow_jobs ? j.model)
                      AND NOT (w.deny_jobs ? j.model)
                      AND greatest(j.min_vram_gib, j.raised_vram_gib) <= w.slot_vram_gib
@@ -185,6 +199,7 @@ WITH restored AS (
         SELECT j.job_id FROM jobs AS j
         WHERE j.status = 'unschedulable' AND NOT j.orphaned
           AND (NOT j.require_cuda OR %(cuda)s)
+          AND j.gpus <= %(gpus)s
           AND greatest(j.min_vram_gib, j.raised_vram_gib) <= %(vram)s
           AND greatest(j.min_ram_gib, j.raised_ram_gib) <= %(ram)s
           AND (j.allowed_hosts = '[]' OR j.allowed_hosts ? %(hostname)s)
@@ -223,7 +238,7 @@ ON CONFLICT (hostname) DO UPDATE SET
 # Waiting jobs grouped by their hard constraints: schedulability is decided per group.
 NEEDS_GROUPS = """
 SELECT DISTINCT model, require_cuda, min_vram_gib, min_ram_gib, raised_vram_gib,
-       raised_ram_gib, allowed_hosts
+       raised_ram_gib, allowed_hosts, gpus
 FROM jobs WHERE status IN ('pending', 'unschedulable') AND NOT orphaned
 """
 # Move one group's jobs from %(old)s to %(new)s status (a NULL error makes them pending again).
@@ -236,7 +251,7 @@ WHERE job_id IN (
       AND model = %(model)s AND require_cuda = %(require_cuda)s
       AND min_vram_gib = %(min_vram_gib)s AND min_ram_gib = %(min_ram_gib)s
       AND raised_vram_gib = %(raised_vram_gib)s AND raised_ram_gib = %(raised_ram_gib)s
-      AND allowed_hosts = %(allowed_hosts)s
+      AND allowed_hosts = %(allowed_hosts)s AND gpus = %(gpus)s
     ORDER BY job_id
     FOR UPDATE SKIP LOCKED
 ) AND status = %(old)s
@@ -301,11 +316,13 @@ INSERT_JOB = """
 INSERT INTO jobs (job_id, name, model, mode, hyper, split_recipe, train_hosts, seed, priority,
                   require_cuda, prefer_cuda, min_vram_gib, min_ram_gib, allowed_hosts,
                   max_attempts, max_lost, timeout_s, prefer_wait_s, stall_after_s,
+                  checkpoint_interval_s, gpus,
                   manifest_index, status, pending_since, created_at, updated_at)
 VALUES (%(job_id)s, %(name)s, %(model)s, %(mode)s, %(hyper)s, %(split_recipe)s,
         %(train_hosts)s, %(seed)s, %(priority)s, %(require_cuda)s, %(prefer_cuda)s,
         %(min_vram_gib)s, %(min_ram_gib)s, %(allowed_hosts)s, %(max_attempts)s, %(max_lost)s,
-        %(timeout_s)s, %(prefer_wait_s)s, %(stall_after_s)s, %(manifest_index)s, 'pending',
+        %(timeout_s)s, %(prefer_wait_s)s, %(stall_after_s)s, %(checkpoint_interval_s)s,
+        %(gpus)s, %(manifest_index)s, 'pending',
         %(now)s, %(now)s, %(now)s)
 """
 
@@ -317,6 +334,7 @@ UPDATE jobs SET name = %(name)s, priority = %(priority)s, require_cuda = %(requi
        min_ram_gib = %(min_ram_gib)s, allowed_hosts = %(allowed_hosts)s,
        max_attempts = %(max_attempts)s, max_lost = %(max_lost)s, timeout_s = %(timeout_s)s,
        stall_after_s = %(stall_after_s)s, prefer_wait_s = %(prefer_wait_s)s,
+       checkpoint_interval_s = %(checkpoint_interval_s)s, gpus = %(gpus)s,
        manifest_index = %(manifest_index)s,
        orphaned = false, updated_at = %(now)s
 WHERE job_id = %(job_id)s
@@ -402,6 +420,7 @@ WHERE status IN ('pending', 'unschedulable')
 MUTABLE_FIELDS = (
     "name", "priority", "require_cuda", "prefer_cuda", "min_vram_gib", "min_ram_gib",
     "allowed_hosts", "max_attempts", "max_lost", "timeout_s", "prefer_wait_s", "stall_after_s",
+    "checkpoint_interval_s", "gpus",
 )
 JSON_FIELDS = ("hyper", "train_hosts", "allowed_hosts")
 
@@ -428,6 +447,8 @@ def _spec_values(spec: JobSpec) -> dict[str, Any]:
         "timeout_s": float(spec.timeout_s),
         "prefer_wait_s": float(spec.prefer_wait_s),
         "stall_after_s": float(spec.stall_after_s),
+        "checkpoint_interval_s": float(spec.checkpoint_interval_s),
+        "gpus": spec.gpus,
         "manifest_index": spec.manifest_index,
     }
 
@@ -473,9 +494,13 @@ class PostgresQueue:
     backend = "postgresql"
     database_clock = True  #: a call without `now` is timed by the database, not the caller
 
-    def __init__(self, url: str, *, stale_after_s: float = 600.0, pool_size: int = 4) -> None:
+    def __init__(
+        self, url: str, *, stale_after_s: float = 600.0, pool_size: int = 4,
+        failure_aware: bool = True,
+    ) -> None:
         self.url = url
         self.stale_after_s = stale_after_s
+        self.failure_aware = failure_aware  #: False: the naive baseline, as in SqliteQueue
         self._worker_tokens_seen = False
         self.schema_version = upgrade_schema(url)
         self._pool: ConnectionPool[Conn] = ConnectionPool(
@@ -673,11 +698,13 @@ class PostgresQueue:
         now: float | None = None,
         *,
         free_vram_gib: float | None = None,
+        gpus_free: int | None = None,
     ) -> Claim | None:
         """Atomically hand the best eligible pending job to this slot, or None.
 
         With `free_vram_gib`, the job must fit the slot's memory free now; the registry keeps
-        the slot's total, which is what the fleet's other rules go by."""
+        the slot's total, which is what the fleet's other rules go by. `gpus_free` is how many
+        GPUs of its host the slot can hand one job now (matching.Slot.gpus)."""
         vram = capability.max_vram_gib if slot_vram_gib is None else slot_vram_gib
         with self._connection() as conn:
             settings = conn.execute(SETTINGS, {"now": now}).fetchone()
@@ -702,6 +729,7 @@ class PostgresQueue:
                     "now": now, "cuda": capability.cuda, "vram": vram,
                     "ram": capability.ram_gib, "allow": allow, "deny": deny,
                     "stale_after_s": self.stale_after_s,
+                    "gpus": matching.Slot(capability, vram, gpus_free=gpus_free).gpus,
                 }
                 conn.execute(RESTORE_FOR_SLOT, params)
                 free = vram if free_vram_gib is None else min(vram, free_vram_gib)
@@ -711,6 +739,28 @@ class PostgresQueue:
             return None
         command = tuple(json.loads(settings["trainer"])) if settings["trainer"] else ()
         return Claim(job_from_row(row), lease, row["attempts"], command)
+
+    def record_checkpoint(
+        self,
+        job_id: str,
+        lease: str,
+        artifact_id: str,
+        now: float | None = None,
+        *,
+        progress: Mapping[str, Any] | None = None,
+    ) -> Job:
+        """Make `artifact_id` the job's last checkpoint, which its next attempt resumes from."""
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id, now)
+            now = float(row["clock"])
+            row = self._live_row(conn, row, lease, now)
+            done = conn.execute(
+                "UPDATE jobs SET checkpoint_id = %s, checkpoint_at = %s, updated_at = %s "
+                "WHERE job_id = %s RETURNING *", (artifact_id, now, now, job_id)).fetchone()
+            assert done is not None
+            self._event(conn, job_id, "checkpoint", now, row["attempts"], row["worker_id"],
+                        artifact_id=artifact_id, **checkpoint_detail(progress))
+            return job_from_row(done)
 
     def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job:
         """The job, if `lease` is its current live lease (or revivable); LeaseLost otherwise."""
@@ -761,8 +811,11 @@ class PostgresQueue:
         artifact_id: str,
         metrics: Mapping[str, Any] | None = None,
         now: float | None = None,
+        *,
+        peak_vram_gib: float | None = None,
     ) -> Job:
-        """Accept the job's result once; a repeat with the same lease and artifact is a no-op."""
+        """Accept the job's result once; a repeat with the same lease and artifact is a no-op.
+        `peak_vram_gib` is the trainer's peak, kept on the attempt like a heartbeat's."""
         with self._tx() as conn:
             row = self._lock_job(conn, job_id, now)
             now = float(row["clock"])
@@ -782,6 +835,8 @@ class PostgresQueue:
             ).fetchone()
             assert done is not None
             self._end_attempt(conn, row, "completed", None, now)
+            if peak_vram_gib is not None:
+                conn.execute(RECORD_PEAK, (peak_vram_gib, job_id, row["attempts"]))
             self._event(conn, job_id, "completed", now, row["attempts"], row["worker_id"],
                         artifact_id=artifact_id)
             return job_from_row(done)
@@ -826,6 +881,7 @@ class PostgresQueue:
         charged = row["attempts_charged"]
         if kind in CHARGED:
             charged += 1  # a stopped worker is not the training's fault
+        if kind in CHARGED and self.failure_aware:
             failure = self._failure(conn, row, cause, signature, peak_vram_gib)
             verdict = retry_policy.after_failure(
                 failure, row["raised_vram_gib"], row["raised_ram_gib"],
@@ -840,7 +896,7 @@ class PostgresQueue:
         retry = retryable and charged < row["max_attempts"]
         done = self._finish(conn, row, retry, kind.value, error, charged, row["lost_count"],
                             now)
-        if cause is not None:
+        if cause is not None and self.failure_aware:
             self._maybe_quarantine(conn, row["hostname"], now)
         return done
 
@@ -939,14 +995,14 @@ class PostgresQueue:
             return self._reschedule(conn, self._clock(conn, now))
 
     def _reschedule(self, conn: Conn, now: float) -> Rescheduled:
-        seen = [matching.Slot(w.capability, w.slot_vram_gib, w.policy)
-                for w in self._workers(conn, now)]
+        seen = [w.slot(quarantine=False) for w in self._workers(conn, now)]
         marked: list[str] = []
         restored: list[str] = []
         for group in conn.execute(NEEDS_GROUPS).fetchall():
             needs = JobNeeds(group["model"], group["require_cuda"], group["min_vram_gib"],
                              group["min_ram_gib"], group["raised_vram_gib"],
-                             group["raised_ram_gib"], tuple(group["allowed_hosts"]))
+                             group["raised_ram_gib"], tuple(group["allowed_hosts"]),
+                             group["gpus"])
             reason = matching.unschedulable_reason(needs, seen)
             params = {**group, "allowed_hosts": Jsonb(group["allowed_hosts"]), "error": reason,
                       "now": now}
@@ -1086,12 +1142,12 @@ class PostgresQueue:
             return self._workers(conn, now)
 
     def _workers(self, conn: Conn, now: float | None) -> list[WorkerInfo]:
-        held: dict[str, list[str]] = {}
+        held: dict[str, list[tuple[str, str]]] = {}
         for r in conn.execute(
-            "SELECT worker_id, job_id FROM jobs WHERE status IN ('claimed', 'running') "
+            "SELECT worker_id, job_id, name FROM jobs WHERE status IN ('claimed', 'running') "
             "ORDER BY job_id"
         ):
-            held.setdefault(r["worker_id"], []).append(r["job_id"])
+            held.setdefault(r["worker_id"], []).append((r["job_id"], r["name"]))
         rows = conn.execute(
             f"SELECT w.*, w.last_seen >= {CLOCK} - %(stale_after_s)s AS alive, "
             "h.quarantined_until, h.quarantine_reason FROM workers AS w "
@@ -1099,7 +1155,7 @@ class PostgresQueue:
             "ORDER BY w.hostname, w.worker_id",
             {"now": now, "stale_after_s": self.stale_after_s},
         ).fetchall()
-        return [
+        return with_host_gpus([
             WorkerInfo(
                 worker_id=r["worker_id"], hostname=r["hostname"],
                 capability=Capability.from_dict(r["capability"]),
@@ -1109,12 +1165,13 @@ class PostgresQueue:
                 ),
                 slot_vram_gib=r["slot_vram_gib"], first_seen=r["first_seen"],
                 last_seen=r["last_seen"], alive=r["alive"],
-                jobs=tuple(held.get(r["worker_id"], ())),
+                jobs=tuple(job_id for job_id, _ in held.get(r["worker_id"], ())),
+                job_names=tuple(name for _, name in held.get(r["worker_id"], ())),
                 quarantined_until=r["quarantined_until"],
                 quarantine_reason=r["quarantine_reason"],
             )
             for r in rows
-        ]
+        ])
 
     def counts(self) -> dict[str, int]:
         with self._connection() as conn:

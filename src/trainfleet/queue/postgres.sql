@@ -1,4 +1,4 @@
--- trainfleet's PostgreSQL schema (schema_version 2). Timestamps are unix seconds (float8)
+-- trainfleet's PostgreSQL schema (schema_version 3). Timestamps are unix seconds (float8)
 -- read from the database clock. Ids are COLLATE "C" so prefix ranges work under any locale.
 CREATE TABLE IF NOT EXISTS meta (
     key   text PRIMARY KEY,
@@ -47,7 +47,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     raised_ram_gib   float8 NOT NULL DEFAULT 0,  -- after a RAM OOM or a kill
     avoid_hosts      jsonb NOT NULL DEFAULT '[]', -- hosts it failed on
     stall_after_s    float8 NOT NULL DEFAULT 0,  -- 0: never failed as stalled
-    progress_at      float8                      -- when this attempt's progress last moved
+    progress_at      float8,                     -- when this attempt's progress last moved
+    checkpoint_interval_s float8 NOT NULL DEFAULT 300,  -- 0: no checkpoint uploads
+    checkpoint_id    text,                       -- the last checkpoint's artifact id
+    checkpoint_at    float8,                     -- when it was recorded
+    gpus             integer NOT NULL DEFAULT 0  -- GPUs of one host at once (0: CPU)
 );
 
 -- The claim walks one of these in rank order, so its cost does not grow with depth.

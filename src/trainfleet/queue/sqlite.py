@@ -7,6 +7,7 @@ serialise on the write lock instead of failing with "database is locked".
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import secrets
 import sqlite3
@@ -51,13 +52,15 @@ from trainfleet.queue.base import (
     WorkerInfo,
     attempt_from_row,
     check_enroll_code,
+    checkpoint_detail,
     job_from_row,
     progress_moved,
     stalled_error,
+    with_host_gpus,
 )
 from trainfleet.tokens import TokenKind
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Upgrade steps: MIGRATIONS[v] takes schema v-1 to v. sqlite.sql is always the newest schema.
 MIGRATIONS: dict[int, str] = {
     2: """
@@ -70,8 +73,20 @@ ALTER TABLE attempts ADD COLUMN peak_vram_gib REAL;
 ALTER TABLE jobs ADD COLUMN stall_after_s REAL NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN progress_at REAL;
 """,
+    3: """
+ALTER TABLE jobs ADD COLUMN checkpoint_interval_s REAL NOT NULL DEFAULT 300;
+ALTER TABLE jobs ADD COLUMN checkpoint_id TEXT;
+ALTER TABLE jobs ADD COLUMN checkpoint_at REAL;
+ALTER TABLE jobs ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET gpus = 1 WHERE require_cuda = 1;
+CREATE INDEX IF NOT EXISTS jobs_pending_class
+    ON jobs (json_array(model, require_cuda, prefer_cuda, allowed_hosts), priority DESC,
+             manifest_index)
+    WHERE status = 'pending' AND orphaned = 0;
+""",
 }
 HEX = set("0123456789abcdef")
+SEEN_EVERY_S = 1.0  #: a worker's last_seen is rewritten at most this often (by one process)
 
 # Hard constraints as SQL; matching.explain is applied to each candidate as well,
 # and a property test holds the two against each other.
@@ -79,6 +94,7 @@ CLAIM_CANDIDATES = """
 SELECT * FROM jobs INDEXED BY {index}
 WHERE status = 'pending' AND orphaned = 0
   AND (require_cuda = 0 OR :cuda = 1)
+  AND gpus <= :gpus
   AND max(min_vram_gib, raised_vram_gib) <= :vram
   AND max(min_ram_gib, raised_ram_gib) <= :ram
   AND (allowed_hosts = '[]'
@@ -90,12 +106,40 @@ ORDER BY {order}
 ORDER_CPU = "priority DESC, manifest_index"
 ORDER_CUDA = "priority DESC, prefer_cuda DESC, manifest_index"
 
+# A claim's job classes: the hard constraints a slot can rule out for a whole class at once
+# (model, require_cuda, allowed_hosts), plus prefer_cuda so that within a class both rank
+# orders are `priority DESC, manifest_index`. The class key is their JSON array (unambiguous);
+# the next class is one index seek past the last.
+CLASS_KEY = "json_array(model, require_cuda, prefer_cuda, allowed_hosts)"
+NEXT_CLASS = f"""
+SELECT {CLASS_KEY} FROM jobs INDEXED BY jobs_pending_class
+WHERE status = 'pending' AND orphaned = 0 AND {CLASS_KEY} > {{after}}
+ORDER BY {CLASS_KEY} LIMIT 1
+"""
+#: More classes than this and the claim walks the rank index instead (CLAIM_CANDIDATES).
+MAX_CLASSES = 64
+# Every class, in one statement: a loose index scan, one seek per class.
+CLASSES = f"""
+WITH RECURSIVE classes(class) AS (
+    SELECT ({NEXT_CLASS.format(after="''")})
+    UNION ALL
+    SELECT ({NEXT_CLASS.format(after="classes.class")}) FROM classes
+    WHERE classes.class IS NOT NULL
+)
+SELECT class FROM classes WHERE class IS NOT NULL LIMIT {MAX_CLASSES + 1}
+"""
+# CLAIM_CANDIDATES within one class, in rank order straight off jobs_pending_class.
+CLASS_CANDIDATES = CLAIM_CANDIDATES.replace(
+    "ORDER BY", f"  AND {CLASS_KEY} = :job_class\nORDER BY"
+).format(index="jobs_pending_class", order=ORDER_CPU)
+
 MARK_CLAIMED = """
 UPDATE jobs SET status = 'claimed', lease = :lease, attempts = attempts + 1,
        worker_id = :worker_id,
        hostname = :hostname, claimed_at = :now, heartbeat_at = :now, progress = NULL,
        progress_at = :now, log_tail = NULL, updated_at = :now
 WHERE job_id = :job_id AND status = 'pending'
+RETURNING *
 """
 
 UPSERT_WORKER = """
@@ -112,10 +156,12 @@ INSERT_JOB = """
 INSERT INTO jobs (job_id, name, model, mode, hyper, split_recipe, train_hosts, seed, priority,
                   require_cuda, prefer_cuda, min_vram_gib, min_ram_gib, allowed_hosts,
                   max_attempts, max_lost, timeout_s, prefer_wait_s, stall_after_s,
+                  checkpoint_interval_s, gpus,
                   manifest_index, status, pending_since, created_at, updated_at)
 VALUES (:job_id, :name, :model, :mode, :hyper, :split_recipe, :train_hosts, :seed, :priority,
         :require_cuda, :prefer_cuda, :min_vram_gib, :min_ram_gib, :allowed_hosts,
         :max_attempts, :max_lost, :timeout_s, :prefer_wait_s, :stall_after_s,
+        :checkpoint_interval_s, :gpus,
         :manifest_index, 'pending', :now, :now, :now)
 """
 
@@ -126,6 +172,7 @@ UPDATE jobs SET name = :name, priority = :priority, require_cuda = :require_cuda
        prefer_cuda = :prefer_cuda, min_vram_gib = :min_vram_gib, min_ram_gib = :min_ram_gib,
        allowed_hosts = :allowed_hosts, max_attempts = :max_attempts, max_lost = :max_lost,
        timeout_s = :timeout_s, stall_after_s = :stall_after_s,
+       checkpoint_interval_s = :checkpoint_interval_s, gpus = :gpus,
        prefer_wait_s = :prefer_wait_s, manifest_index = :manifest_index, orphaned = 0,
        updated_at = :now
 WHERE job_id = :job_id
@@ -187,6 +234,7 @@ RESTORE_FOR_SLOT = """
 UPDATE jobs SET status = 'pending', error = NULL, updated_at = :now
 WHERE status = 'unschedulable' AND orphaned = 0
   AND (require_cuda = 0 OR :cuda = 1)
+  AND gpus <= :gpus
   AND max(min_vram_gib, raised_vram_gib) <= :vram
   AND max(min_ram_gib, raised_ram_gib) <= :ram
   AND (allowed_hosts = '[]'
@@ -216,6 +264,24 @@ ON CONFLICT (hostname) DO UPDATE SET
     quarantine_reason = excluded.quarantine_reason,
     quarantines = hosts.quarantines + 1, counts_since = excluded.counts_since
 """
+# A job reference: the best job of that name, and up to 11 ids starting with it.
+RESOLVE = """
+SELECT job_id, 1 AS by_name FROM (
+    SELECT job_id FROM jobs WHERE name = :name ORDER BY orphaned, manifest_index LIMIT 1)
+UNION ALL
+SELECT job_id, 0 FROM (
+    SELECT job_id FROM jobs WHERE :low IS NOT NULL AND job_id >= :low AND job_id < :high
+    LIMIT 11)
+"""
+
+# Before a claim, in one statement: is the host quarantined; is any job unschedulable (if
+# none, RESTORE_FOR_SLOT has nothing to do)?
+CLAIM_GATE = """
+SELECT EXISTS (SELECT 1 FROM hosts WHERE hostname = :hostname AND quarantined_until > :now)
+           AS quarantined,
+       EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_unschedulable WHERE status = 'unschedulable')
+           AS unschedulable
+"""
 QUARANTINED = """
 SELECT * FROM hosts WHERE hostname = :hostname AND quarantined_until > :now
 """
@@ -223,7 +289,7 @@ SELECT * FROM hosts WHERE hostname = :hostname AND quarantined_until > :now
 # Waiting jobs grouped by their hard constraints: schedulability is decided per group.
 NEEDS_GROUPS = """
 SELECT DISTINCT model, require_cuda, min_vram_gib, min_ram_gib, raised_vram_gib,
-       raised_ram_gib, allowed_hosts
+       raised_ram_gib, allowed_hosts, gpus
 FROM jobs WHERE status IN ('pending', 'unschedulable') AND orphaned = 0
 """
 # Move one group's jobs from :old to :new status (a NULL :error makes them pending again).
@@ -233,7 +299,7 @@ WHERE status = :old AND orphaned = 0 AND (:old != :new OR error IS NOT :error)
   AND model = :model AND require_cuda = :require_cuda
   AND min_vram_gib = :min_vram_gib AND min_ram_gib = :min_ram_gib
   AND raised_vram_gib = :raised_vram_gib AND raised_ram_gib = :raised_ram_gib
-  AND allowed_hosts = :allowed_hosts
+  AND allowed_hosts = :allowed_hosts AND gpus = :gpus
 RETURNING job_id
 """
 
@@ -248,6 +314,7 @@ WHERE status IN ('pending', 'unschedulable')
 MUTABLE_FIELDS = (
     "name", "priority", "require_cuda", "prefer_cuda", "min_vram_gib", "min_ram_gib",
     "allowed_hosts", "max_attempts", "max_lost", "timeout_s", "prefer_wait_s", "stall_after_s",
+    "checkpoint_interval_s", "gpus",
 )
 
 
@@ -276,6 +343,8 @@ def _spec_row(spec: JobSpec) -> dict[str, Any]:
         "timeout_s": spec.timeout_s,
         "prefer_wait_s": spec.prefer_wait_s,
         "stall_after_s": spec.stall_after_s,
+        "checkpoint_interval_s": spec.checkpoint_interval_s,
+        "gpus": spec.gpus,
         "manifest_index": spec.manifest_index,
     }
 
@@ -285,10 +354,21 @@ def _slot_params(slot: matching.Slot) -> dict[str, Any]:
     allow = slot.policy.allow
     return {
         "cuda": int(slot.cuda), "vram": slot.vram_gib, "ram": slot.capability.ram_gib,
-        "hostname": slot.hostname,
+        "hostname": slot.hostname, "gpus": slot.gpus,
         "allow": None if allow is None else _dumps(sorted(allow)),
         "deny": _dumps(sorted(slot.policy.deny)),
     }
+
+
+def _class_open(slot: matching.Slot, job_class: str) -> bool:
+    """Whether the slot passes a class's share of the hard constraints: exactly the
+    require_cuda, host policy and allowed_hosts terms of CLAIM_CANDIDATES."""
+    model, require_cuda, _, allowed_hosts = json.loads(job_class)
+    if require_cuda and not slot.cuda:
+        return False
+    if not slot.policy.allows(model):
+        return False
+    return bool(allowed_hosts == "[]" or slot.hostname in json.loads(allowed_hosts))
 
 
 def _loads(text: str | None) -> Any:
@@ -317,11 +397,20 @@ class SqliteQueue:
     database_clock = False
 
     def __init__(
-        self, path: str | Path, *, stale_after_s: float = 600.0, synchronous: str = "FULL"
+        self, path: str | Path, *, stale_after_s: float = 600.0, synchronous: str = "FULL",
+        failure_aware: bool = True,
     ) -> None:
         self.path = Path(path)
         self.stale_after_s = stale_after_s
+        #: False: a failure only uses up an attempt (no raised needs, avoided hosts, code-bug
+        #: verdict or quarantine): the naive baseline bench/simulate.py compares against.
+        self.failure_aware = failure_aware
         self._lock = threading.RLock()
+        # Worker registrations written by this process, and when each worker's last_seen
+        # was: a worker's claims and heartbeats skip rewriting an unchanged row for a moment.
+        self._registered: dict[str, tuple[Capability, matching.Policy, float]] = {}
+        self._seen: dict[str, float] = {}
+        self._seen_every_s = min(SEEN_EVERY_S, stale_after_s / 10)
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=60.0
         )
@@ -356,6 +445,8 @@ class SqliteQueue:
                     yield self._db
                 except BaseException:
                     self._db.execute("ROLLBACK")
+                    self._registered.clear()  # what they remember may not have been written
+                    self._seen.clear()
                     raise
                 self._db.execute("COMMIT")
             finally:
@@ -421,14 +512,16 @@ class SqliteQueue:
         )
 
     def _live_row(
-        self, db: sqlite3.Connection, job_id: str, lease: str, now: float | None = None
+        self, db: sqlite3.Connection, job_id: str, lease: str, now: float | None = None,
+        row: sqlite3.Row | None = None,
     ) -> sqlite3.Row:
         """The job's row if `lease` is its current live lease; LeaseLost otherwise.
 
         In a write transaction (`now` given), a worker that comes back after its job was
         swept gets the job back under a new attempt, if nobody has claimed it since.
+        `row`: the job's row, when the caller has just read it in this transaction.
         """
-        row = self._row(db, job_id)
+        row = self._row(db, job_id) if row is None else row
         if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
             if row["status"] not in LIVE:
                 raise LeaseLost(job_id, f"job is {row['status']}")
@@ -553,14 +646,14 @@ class SqliteQueue:
             return self._reschedule(db, now)
 
     def _reschedule(self, db: sqlite3.Connection, now: float) -> Rescheduled:
-        seen = [matching.Slot(w.capability, w.slot_vram_gib, w.policy)
-                for w in self._workers(db, now)]
+        seen = [w.slot(quarantine=False) for w in self._workers(db, now)]
         marked: list[str] = []
         restored: list[str] = []
         for group in db.execute(NEEDS_GROUPS).fetchall():
             needs = JobNeeds(group["model"], bool(group["require_cuda"]), group["min_vram_gib"],
                              group["min_ram_gib"], group["raised_vram_gib"],
-                             group["raised_ram_gib"], tuple(json.loads(group["allowed_hosts"])))
+                             group["raised_ram_gib"], tuple(json.loads(group["allowed_hosts"])),
+                             group["gpus"])
             reason = matching.unschedulable_reason(needs, seen)
             params = {**dict(group), "error": reason, "now": now}
             if reason is None:
@@ -593,21 +686,24 @@ class SqliteQueue:
         now: float | None = None,
         *,
         free_vram_gib: float | None = None,
+        gpus_free: int | None = None,
     ) -> Claim | None:
         """Atomically hand the best eligible pending job to this slot, or None.
 
         With `free_vram_gib`, the job must fit the slot's memory free now; the registry keeps
-        the slot's total, which is what the fleet's other rules go by."""
+        the slot's total, which is what the fleet's other rules go by. `gpus_free` is how many
+        GPUs of its host the slot can hand one job now (matching.Slot.gpus)."""
         now = time.time() if now is None else now
         vram = capability.max_vram_gib if slot_vram_gib is None else slot_vram_gib
         policy = matching.merge_policy(self._hosts.get(capability.hostname), own_allow, own_deny)
-        slot = matching.Slot(capability, vram, policy)
+        slot = matching.Slot(capability, vram, policy, gpus_free=gpus_free)
         with self._write() as db:
             self._register(db, worker_id, slot, now)
-            if db.execute(QUARANTINED, {"hostname": slot.hostname, "now": now}).fetchone():
+            gate = db.execute(CLAIM_GATE, {"hostname": slot.hostname, "now": now}).fetchone()
+            if gate["quarantined"]:
                 return None
             for restored in db.execute(RESTORE_FOR_SLOT, {**_slot_params(slot), "now": now}
-                                       ).fetchall():
+                                       ).fetchall() if gate["unschedulable"] else ():
                 self._event(db, restored["job_id"], "schedulable", now, worker_id=worker_id)
             free = slot if free_vram_gib is None else dataclasses.replace(
                 slot, vram_gib=min(slot.vram_gib, free_vram_gib))
@@ -615,11 +711,11 @@ class SqliteQueue:
             if row is None:
                 return None
             lease = secrets.token_hex(16)
-            db.execute(
+            claimed = db.execute(
                 MARK_CLAIMED,
                 {"lease": lease, "worker_id": worker_id, "hostname": capability.hostname,
                  "now": now, "job_id": row["job_id"]},
-            )
+            ).fetchone()
             attempt = row["attempts"] + 1
             db.execute(
                 "INSERT INTO attempts (job_id, attempt, worker_id, hostname, lease, started_at) "
@@ -628,12 +724,17 @@ class SqliteQueue:
             )
             self._event(db, row["job_id"], "claimed", now, attempt, worker_id,
                         hostname=capability.hostname)
-            job = _job(self._row(db, row["job_id"]))
+            job = _job(claimed)
         return Claim(job, lease, attempt)
 
     def _register(
         self, db: sqlite3.Connection, worker_id: str, slot: matching.Slot, now: float
     ) -> None:
+        registration = (slot.capability, slot.policy, slot.vram_gib)
+        if self._registered.get(worker_id) == registration and not self._seen_due(worker_id, now):
+            return  # unchanged, and seen a moment ago
+        self._registered[worker_id] = registration
+        self._seen[worker_id] = now
         allow = slot.policy.allow
         db.execute(
             UPSERT_WORKER,
@@ -645,21 +746,72 @@ class SqliteQueue:
 
     def _pick(self, db: sqlite3.Connection, slot: matching.Slot, now: float) -> sqlite3.Row | None:
         """Walk candidates in rank order; the first that matching accepts wins."""
-        index, order = ("jobs_pending_cuda", ORDER_CUDA) if slot.cuda else (
-            "jobs_pending_cpu", ORDER_CPU)
         params = _slot_params(slot)
         live: list[matching.Slot] | None = None
-        for row in db.execute(CLAIM_CANDIDATES.format(index=index, order=order), params):
+        for row in self._candidates(db, slot, params):
             job = _job(row)
             soft = (job.prefer_cuda and not slot.cuda) or slot.hostname in job.avoid_hosts
             if soft and live is None:  # only the soft rules look at the rest of the fleet
                 live = self._live_slots(db, now)
             if matching.is_eligible(job, slot, live or (), now - job.pending_since):
-                return cast(sqlite3.Row, row)
+                return row
         return None
+
+    def _candidates(
+        self, db: sqlite3.Connection, slot: matching.Slot, params: dict[str, Any]
+    ) -> Iterator[sqlite3.Row]:
+        """Pending jobs that pass the SQL hard constraints, in the slot's rank order.
+
+        Jobs of a class the slot may not run (CUDA only, other hosts, a model its policy
+        refuses) are never read: each open class is walked from its own index range and
+        the walks are merged, so the cost follows the number of classes, not how many
+        ineligible jobs rank ahead. With too many classes, one walk of the rank index.
+        """
+        found = [job_class for (job_class,) in db.execute(CLASSES)]
+        if len(found) > MAX_CLASSES:
+            index, order = ("jobs_pending_cuda", ORDER_CUDA) if slot.cuda else (
+                "jobs_pending_cpu", ORDER_CPU)
+            return iter(db.execute(CLAIM_CANDIDATES.format(index=index, order=order), params))
+        classes = [job_class for job_class in found if _class_open(slot, job_class)]
+        walks = [db.execute(CLASS_CANDIDATES, {**params, "job_class": c}) for c in classes]
+        if len(walks) == 1:
+            return iter(walks[0])
+        if slot.cuda:
+            return heapq.merge(*walks, key=lambda r: (-r["priority"], -r["prefer_cuda"],
+                                                      r["manifest_index"]))
+        return heapq.merge(*walks, key=lambda r: (-r["priority"], r["manifest_index"]))
+
+    def _seen_due(self, worker_id: str, now: float) -> bool:
+        """Whether the worker's last_seen is due a write (and noted as written): the claim
+        and heartbeat hot paths rewrite it at most every `_seen_every_s`, not on every call."""
+        last = self._seen.get(worker_id)
+        if last is not None and 0.0 <= now - last < self._seen_every_s:
+            return False
+        self._seen[worker_id] = now
+        return True
 
     def _live_slots(self, db: sqlite3.Connection, now: float) -> list[matching.Slot]:
         return [w.slot() for w in self._workers(db, now) if w.alive]
+
+    def record_checkpoint(
+        self,
+        job_id: str,
+        lease: str,
+        artifact_id: str,
+        now: float | None = None,
+        *,
+        progress: Mapping[str, Any] | None = None,
+    ) -> Job:
+        """Make `artifact_id` the job's last checkpoint, which its next attempt resumes from."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = self._live_row(db, job_id, lease, now)
+            db.execute(
+                "UPDATE jobs SET checkpoint_id = ?, checkpoint_at = ?, updated_at = ? "
+                "WHERE job_id = ?", (artifact_id, now, now, job_id))
+            self._event(db, job_id, "checkpoint", now, row["attempts"], row["worker_id"],
+                        artifact_id=artifact_id, **checkpoint_detail(progress))
+            return _job(self._row(db, job_id))
 
     def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job:
         """The job, if `lease` is its current live lease (or revivable); LeaseLost otherwise."""
@@ -685,7 +837,7 @@ class SqliteQueue:
             if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
                 if row["status"] == Status.CANCELLED:
                     return "cancel"
-            row = self._live_row(db, job_id, lease, now)
+            row = self._live_row(db, job_id, lease, now, row)
             moved = progress_moved(_loads(row["progress"]), progress)
             db.execute(
                 "UPDATE jobs SET status = 'running', heartbeat_at = ?, updated_at = ?, "
@@ -694,9 +846,10 @@ class SqliteQueue:
                 (now, now, None if progress is None else _dumps(dict(progress)), log_tail,
                  moved, now, job_id),
             )
-            db.execute(
-                "UPDATE workers SET last_seen = ? WHERE worker_id = ?", (now, row["worker_id"])
-            )
+            if self._seen_due(row["worker_id"], now):
+                db.execute(
+                    "UPDATE workers SET last_seen = ? WHERE worker_id = ?", (now, row["worker_id"])
+                )
             if peak_vram_gib is not None:
                 db.execute(RECORD_PEAK, (peak_vram_gib, job_id, row["attempts"]))
             if row["status"] == Status.CLAIMED:
@@ -710,8 +863,11 @@ class SqliteQueue:
         artifact_id: str,
         metrics: Mapping[str, Any] | None = None,
         now: float | None = None,
+        *,
+        peak_vram_gib: float | None = None,
     ) -> Job:
-        """Accept the job's result once; a repeat with the same lease and artifact is a no-op."""
+        """Accept the job's result once; a repeat with the same lease and artifact is a no-op.
+        `peak_vram_gib` is the trainer's peak, kept on the attempt like a heartbeat's."""
         now = time.time() if now is None else now
         with self._write() as db:
             row = self._row(db, job_id)
@@ -722,17 +878,19 @@ class SqliteQueue:
                 and row["artifact_id"] == artifact_id
             ):
                 return _job(row)
-            row = self._live_row(db, job_id, lease, now)
-            db.execute(
+            row = self._live_row(db, job_id, lease, now, row)
+            done = db.execute(
                 "UPDATE jobs SET status = 'completed', artifact_id = ?, metrics = ?, "
                 "progress = json_set(coalesce(progress, '{}'), '$.fraction', 1.0), error = NULL,"
-                " heartbeat_at = ?, updated_at = ? WHERE job_id = ?",
+                " heartbeat_at = ?, updated_at = ? WHERE job_id = ? RETURNING *",
                 (artifact_id, _dumps(dict(metrics or {})), now, now, job_id),
-            )
+            ).fetchone()
             self._end_attempt(db, row, "completed", None, now)
+            if peak_vram_gib is not None:
+                db.execute(RECORD_PEAK, (peak_vram_gib, job_id, row["attempts"]))
             self._event(db, job_id, "completed", now, row["attempts"], row["worker_id"],
                         artifact_id=artifact_id)
-            return _job(self._row(db, job_id))
+            return _job(done)
 
     def fail(
         self,
@@ -773,6 +931,7 @@ class SqliteQueue:
         charged = row["attempts_charged"]
         if kind in CHARGED:
             charged += 1  # a stopped worker is not the training's fault
+        if kind in CHARGED and self.failure_aware:
             failure = self._failure(db, row, cause, signature, peak_vram_gib)
             verdict = retry_policy.after_failure(
                 failure, row["raised_vram_gib"], row["raised_ram_gib"],
@@ -786,7 +945,7 @@ class SqliteQueue:
                 retryable, error = False, f"{error}\n{verdict.code_bug}"  # shown: last line
         retry = retryable and charged < row["max_attempts"]
         self._finish(db, row, retry, kind.value, error, charged, row["lost_count"], now)
-        if cause is not None:
+        if cause is not None and self.failure_aware:
             self._maybe_quarantine(db, row["hostname"], now)
 
     def _maybe_quarantine(self, db: sqlite3.Connection, hostname: str, now: float) -> None:
@@ -946,25 +1105,20 @@ class SqliteQueue:
 
     def resolve(self, ref: str) -> str:
         """A job id from a name, a full id or a unique id prefix of at least 8 hex digits."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT job_id FROM jobs WHERE name = ? ORDER BY orphaned, manifest_index",
-                (ref,),
-            ).fetchall()
-            if rows:
-                return str(rows[0]["job_id"])
-            ref = ref.lower()
-            if len(ref) < 8 or len(ref) > 64 or not set(ref) <= HEX:
-                raise JobNotFound(ref)
-            rows = self._db.execute(
-                "SELECT job_id FROM jobs WHERE job_id >= ? AND job_id < ? LIMIT 11",
-                (ref, ref + "g"),
-            ).fetchall()
-        if not rows:
-            raise JobNotFound(ref)
-        if len(rows) > 1:
-            raise AmbiguousJobId(ref, [r["job_id"] for r in rows])
-        return str(rows[0]["job_id"])
+        low = ref.lower()
+        prefix = low if 8 <= len(low) <= 64 and set(low) <= HEX else None
+        with self._lock:  # names first, then id prefixes: one statement for both
+            found = self._db.execute(RESOLVE, {
+                "name": ref, "low": prefix, "high": None if prefix is None else prefix + "g"
+            }).fetchall()
+        named = [r for r in found if r["by_name"]]
+        if named:
+            return str(named[0]["job_id"])
+        if not found:  # `found` holds only id prefix matches now
+            raise JobNotFound(low)
+        if len(found) > 1:
+            raise AmbiguousJobId(low, [r["job_id"] for r in found])
+        return str(found[0]["job_id"])
 
     def list_jobs(
         self, status: str | None = None, model: str | None = None, host: str | None = None
@@ -1006,11 +1160,13 @@ class SqliteQueue:
             return self._workers(self._db, now)
 
     def _workers(self, db: sqlite3.Connection, now: float) -> list[WorkerInfo]:
-        held: dict[str, list[str]] = {}
+        held: dict[str, list[tuple[str, str]]] = {}
         for r in db.execute(
-            "SELECT worker_id, job_id FROM jobs WHERE status IN ('claimed', 'running')"
+            # INDEXED BY: for ORDER BY job_id the planner would rather walk every job by its id
+            "SELECT worker_id, job_id, name FROM jobs INDEXED BY jobs_live "
+            "WHERE status IN ('claimed', 'running') ORDER BY job_id"
         ):
-            held.setdefault(r["worker_id"], []).append(r["job_id"])
+            held.setdefault(r["worker_id"], []).append((r["job_id"], r["name"]))
         workers = []
         for r in db.execute(
             "SELECT w.*, h.quarantined_until, h.quarantine_reason FROM workers AS w "
@@ -1026,11 +1182,12 @@ class SqliteQueue:
                 capability=Capability.from_dict(json.loads(r["capability"])), policy=policy,
                 slot_vram_gib=r["slot_vram_gib"], first_seen=r["first_seen"],
                 last_seen=r["last_seen"], alive=r["last_seen"] >= now - self.stale_after_s,
-                jobs=tuple(held.get(r["worker_id"], ())),
+                jobs=tuple(job_id for job_id, _ in held.get(r["worker_id"], ())),
+                job_names=tuple(name for _, name in held.get(r["worker_id"], ())),
                 quarantined_until=r["quarantined_until"],
                 quarantine_reason=r["quarantine_reason"],
             ))
-        return workers
+        return with_host_gpus(workers)
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -1,4 +1,4 @@
--- trainfleet's SQLite schema (schema_version 2). Timestamps are unix seconds (REAL).
+-- trainfleet's SQLite schema (schema_version 3). Timestamps are unix seconds (REAL).
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -46,7 +46,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     raised_ram_gib   REAL NOT NULL DEFAULT 0,    -- after a RAM OOM or a kill
     avoid_hosts      TEXT NOT NULL DEFAULT '[]', -- JSON array: hosts it failed on
     stall_after_s    REAL NOT NULL DEFAULT 0,    -- 0: never failed as stalled
-    progress_at      REAL                        -- when this attempt's progress last moved
+    progress_at      REAL,                       -- when this attempt's progress last moved
+    checkpoint_interval_s REAL NOT NULL DEFAULT 300,  -- 0: no checkpoint uploads
+    checkpoint_id    TEXT,                       -- the last checkpoint's artifact id
+    checkpoint_at    REAL,                       -- when it was recorded
+    gpus             INTEGER NOT NULL DEFAULT 0  -- GPUs of one host at once (0: CPU)
 );
 
 -- The claim walks one of these in rank order, so its cost does not grow with depth.
@@ -55,6 +59,12 @@ CREATE INDEX IF NOT EXISTS jobs_pending_cpu
     WHERE status = 'pending' AND orphaned = 0;
 CREATE INDEX IF NOT EXISTS jobs_pending_cuda
     ON jobs (priority DESC, prefer_cuda DESC, manifest_index)
+    WHERE status = 'pending' AND orphaned = 0;
+-- Jobs by class (the hard constraints a slot can rule out wholesale), each class in rank
+-- order: a claim skips every class its slot may not run, however many jobs it holds.
+CREATE INDEX IF NOT EXISTS jobs_pending_class
+    ON jobs (json_array(model, require_cuda, prefer_cuda, allowed_hosts), priority DESC,
+             manifest_index)
     WHERE status = 'pending' AND orphaned = 0;
 CREATE INDEX IF NOT EXISTS jobs_live
     ON jobs (heartbeat_at)

@@ -8,13 +8,13 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
@@ -36,6 +36,8 @@ from trainfleet.failures import Cause
 from trainfleet.queue.base import FailureKind, Job, Status
 from trainfleet.receiver import schemas as s
 from trainfleet.receiver.state import ReceiverState
+from trainfleet.store import ArtifactStore, kind_of
+from trainfleet.store.base import Readable
 from trainfleet.tokens import TokenKind, hash_token
 
 router = APIRouter()
@@ -51,6 +53,10 @@ read_header = APIKeyHeader(name="X-Read-Token", auto_error=False, scheme_name="R
 JobRef = Annotated[str, PathParam(min_length=1, max_length=200,
                                   description="job name, id, or unique id prefix (8+ hex)")]
 ArtifactId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$", description="sha256 hex")]
+ArtifactKind = Annotated[Literal["model", "checkpoint"], Query(
+    description="model (a finished training's output) or checkpoint (mid-training)")]
+P = ParamSpec("P")
+T = TypeVar("T")
 TOUCH_EVERY_S = 60.0  #: how often a per-host token's last use is written down
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": s.ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422)
@@ -67,6 +73,13 @@ async def receiver(request: Request) -> ReceiverState:
 State = Annotated[ReceiverState, Depends(receiver)]
 
 
+def _state(request: Request) -> ReceiverState:
+    # The worker's hot paths (claim, heartbeat, complete and their auth) read the state
+    # here rather than through Depends: FastAPI re-solves every dependency node per request.
+    state: ReceiverState = request.app.state.receiver
+    return state
+
+
 def _token_matches(given: str | None, expected: str) -> bool:
     # Headers arrive as latin-1 text: compare raw bytes so any header gives 401, never 500.
     if given is None:
@@ -81,7 +94,7 @@ def _refuse_repeated(request: Request, header: str) -> None:
 
 
 async def worker_auth(
-    request: Request, state: State, token: Annotated[str | None, Depends(worker_header)]
+    request: Request, token: Annotated[str | None, Depends(worker_header)]
 ) -> str | None:
     """The host a per-host token binds its caller to; None for the shared token or when open.
 
@@ -90,6 +103,7 @@ async def worker_auth(
     therefore never reopens it.
     """
     _refuse_repeated(request, "X-Worker-Token")
+    state = _state(request)
     expected = state.settings.worker_token
     if expected and _token_matches(token, expected):
         return None
@@ -125,11 +139,12 @@ def _refusal(state: ReceiverState, token: str | None) -> str:
 Bound = Annotated[str | None, Depends(worker_auth)]
 
 
-async def worker_job_auth(request: Request, state: State, host: Bound) -> None:
+async def worker_job_auth(request: Request, host: Bound) -> None:
     """A per-host token may touch only jobs its host holds (a log: the attempt's host)."""
     ref = request.path_params.get("job_ref") or request.query_params.get("job_id")
     if host is None or not ref:
         return
+    state = _state(request)
     job_id = state.queue.resolve(ref)
     attempt = request.query_params.get("attempt", "")
     if attempt.isdigit():
@@ -159,7 +174,7 @@ async def read_auth(
     ):
         return
     if worker is not None:
-        await worker_auth(request, state, worker)  # raises unless it is a valid worker token
+        await worker_auth(request, worker)  # raises unless it is a valid worker token
         return
     raise Unauthorized("X-Read-Token")
 
@@ -193,17 +208,18 @@ def _job_out(job: Job) -> s.JobOut:
 # -- the worker's calls ------------------------------------------------------
 
 
-@router.post("/v1/job/claim", dependencies=WorkerAuth, responses={204: {"description":
+@router.post("/v1/job/claim", responses={204: {"description":
              "nothing eligible now"}, **ERRORS}, response_model=s.ClaimOut)
-async def claim(body: s.ClaimRequest, state: State, host: Bound) -> Any:
+async def claim(body: s.ClaimRequest, request: Request, host: Bound) -> Any:
     """Hand the best eligible pending job to this worker slot."""
+    state = _state(request)  # `host`, the worker's auth, ran first
     capability = Capability.from_dict(body.capability)
     if host is not None and capability.hostname != host:
         raise WrongHost(host, capability.hostname, "claim as host")
     allow = tuple(body.allow_jobs) if body.allow_jobs is not None else None
     claimed = state.queue.claim_next(
         body.worker_id, capability, body.slot_vram_gib, allow, tuple(body.deny_jobs),
-        now=state.queue_now(), free_vram_gib=body.free_vram_gib,
+        now=state.queue_now(), free_vram_gib=body.free_vram_gib, gpus_free=body.gpus_free,
     )
     if claimed is None:
         state.metrics.empty_claims.inc()
@@ -216,6 +232,7 @@ async def claim(body: s.ClaimRequest, state: State, host: Bound) -> Any:
         command=list(claimed.command or state.manifest.trainer.command),
         timeout_s=claimed.job.timeout_s,
         heartbeat_interval_s=state.heartbeat_interval_s,
+        resume_from=claimed.job.checkpoint_id,
     )
 
 
@@ -228,8 +245,11 @@ def _fenced_job(state: ReceiverState, ref: str, lease: str, attempt: int | None)
 
 
 @router.post("/v1/job/{job_ref}/heartbeat", dependencies=WorkerJobAuth, responses=ERRORS)
-async def heartbeat(job_ref: JobRef, body: s.HeartbeatRequest, state: State) -> s.HeartbeatOut:
+async def heartbeat(
+    job_ref: JobRef, body: s.HeartbeatRequest, request: Request
+) -> s.HeartbeatOut:
     """Liveness and progress; the answer says whether to go on or cancel."""
+    state = _state(request)
     job_id = _fenced_job(state, job_ref, body.lease, body.attempt)
     progress = body.progress.model_dump(exclude_none=True) if body.progress else None
     action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail,
@@ -238,14 +258,27 @@ async def heartbeat(job_ref: JobRef, body: s.HeartbeatRequest, state: State) -> 
     return s.HeartbeatOut(action=action)  # type: ignore[arg-type]
 
 
-@router.post("/v1/job/{job_ref}/complete", dependencies=WorkerJobAuth, responses=ERRORS)
-async def complete(job_ref: JobRef, body: s.CompleteRequest, state: State) -> s.JobOut:
-    """Accept the job's artifact, which must already be in the store."""
+@router.post("/v1/job/{job_ref}/checkpoint", dependencies=WorkerJobAuth, responses=ERRORS)
+async def checkpoint(job_ref: JobRef, body: s.CheckpointRequest, state: State) -> s.JobOut:
+    """Record the job's latest checkpoint, already in the store: later attempts resume it."""
     job_id = _fenced_job(state, job_ref, body.lease, body.attempt)
-    if not state.store.has(body.artifact_id):
+    if not await _in_store(state, state.store.has, body.artifact_id):
+        raise BadRequest(f"artifact_id: {body.artifact_id} is not in the store; upload it first")
+    progress = body.progress.model_dump(exclude_none=True) if body.progress else None
+    job = state.queue.record_checkpoint(job_id, body.lease, body.artifact_id, state.queue_now(),
+                                        progress=progress)
+    return _job_out(job)
+
+
+@router.post("/v1/job/{job_ref}/complete", dependencies=WorkerJobAuth, responses=ERRORS)
+async def complete(job_ref: JobRef, body: s.CompleteRequest, request: Request) -> s.JobOut:
+    """Accept the job's artifact, which must already be in the store."""
+    state = _state(request)
+    job_id = _fenced_job(state, job_ref, body.lease, body.attempt)
+    if not await _in_store(state, state.store.has, body.artifact_id):
         raise BadRequest(f"artifact_id: {body.artifact_id} is not in the store; upload it first")
     job = state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics,
-                               state.queue_now())
+                               state.queue_now(), peak_vram_gib=body.peak_vram_gib)
     state.metrics.completions.inc()
     return _job_out(job)
 
@@ -273,11 +306,12 @@ async def put_model(
     lease: Annotated[str, Query(min_length=1, max_length=128)],
     response: Response,
     attempt: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+    kind: ArtifactKind = "model",
 ) -> s.ArtifactOut:
     """Stream a bundle into the store; its sha256 is checked before it becomes visible."""
     job = state.queue.check_lease(_fenced_job(state, job_id, lease, attempt), lease,
                                   state.queue_now())
-    if state.store.has(artifact_id):
+    if await _in_store(state, state.store.has, artifact_id):
         async for _ in request.stream():  # drain, so the client sees a clean answer
             pass
         response.status_code = 200
@@ -287,13 +321,21 @@ async def put_model(
                           "retry later")
     async with state.uploads:
         with state.store.begin_upload(artifact_id, state.settings.max_upload_bytes) as upload:
-            async for chunk in _until_idle(request, state.settings.upload_idle_timeout_s,
-                                           state.settings.upload_min_bytes_per_s):
-                upload.write(chunk)
-            new = await run_in_threadpool(
-                upload.commit, job_id=job.job_id, model=job.model, mode=job.mode,
-                host=job.hostname or "",
-            )
+            try:
+                async for chunk in _until_idle(request, state.settings.upload_idle_timeout_s,
+                                               state.settings.upload_min_bytes_per_s):
+                    if upload.write_blocks(len(chunk)):  # an S3 part goes out
+                        await run_in_threadpool(upload.write, chunk)
+                    else:  # the local disk's fast path
+                        upload.write(chunk)
+                new = await run_in_threadpool(
+                    upload.commit, job_id=job.job_id, model=job.model, mode=job.mode,
+                    host=job.hostname or "", kind=kind,
+                )
+            except Exception:
+                if state.store.remote:  # aborting a multipart upload is a network call too
+                    await run_in_threadpool(upload.abort)
+                raise
     response.status_code = 201 if new else 200
     size = _size(state, artifact_id)
     if new:
@@ -328,7 +370,16 @@ async def _until_idle(
 
 
 def _size(state: ReceiverState, artifact_id: str) -> int:
-    return int(state.store.entry(artifact_id)["size"])
+    return int(state.store.entry(artifact_id)["size"])  # after has(): cached by every store
+
+
+async def _in_store(state: ReceiverState, call: Callable[P, T], *args: P.args,
+                    **kwargs: P.kwargs) -> T:
+    """A store call: made right here for a filesystem store, in a thread for one across the
+    network (S3), whose calls must not hold up the event loop."""
+    if state.store.remote:
+        return await run_in_threadpool(call, *args, **kwargs)
+    return call(*args, **kwargs)
 
 
 @router.put("/v1/job/{job_ref}/log", dependencies=WorkerJobAuth, responses=ERRORS)
@@ -391,26 +442,52 @@ async def get_log(
 @router.head("/v1/model/{artifact_id}", dependencies=ReadAuth, responses=ERRORS)
 async def head_model(artifact_id: ArtifactId, state: State) -> Response:
     """Whether the store holds this artifact, so a worker can skip the upload."""
-    if not state.store.has(artifact_id):
+    if not await _in_store(state, state.store.has, artifact_id):
         raise ArtifactNotFound(artifact_id)
     return Response(headers={"Content-Length": str(_size(state, artifact_id))})
 
 
 @router.get("/v1/model/{artifact_id}", dependencies=ReadAuth, response_class=FileResponse,
             responses=ERRORS)
-async def get_model(artifact_id: ArtifactId, state: State) -> FileResponse:
-    """Download a bundle."""
-    path = state.store.path(artifact_id)
-    return FileResponse(path, media_type="application/octet-stream",
-                        filename=f"{artifact_id[:12]}-{path.name}")
+async def get_model(artifact_id: ArtifactId, state: State) -> Response:
+    """Download a bundle: sent from its file, or streamed from the bucket."""
+    path = state.store.local_path(artifact_id)
+    if path is not None:
+        return FileResponse(path, media_type="application/octet-stream",
+                            filename=f"{artifact_id[:12]}-{path.name}")
+    size = await _in_store(state, _size, state, artifact_id)
+    location = await _in_store(state, state.store.location, artifact_id)
+    body = await _in_store(state, state.store.open, artifact_id)
+    name = f"{artifact_id[:12]}-{location.rsplit('/', 1)[-1]}"
+    return StreamingResponse(_chunks(body), media_type="application/octet-stream", headers={
+        "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _chunks(body: Readable, size: int = 1 << 20) -> Iterator[bytes]:
+    """The body in chunks; Starlette pulls each in a thread, off the event loop."""
+    try:
+        while chunk := body.read(size):
+            yield chunk
+    finally:
+        body.close()
 
 
 @router.get("/v1/models", dependencies=ReadAuth, responses=ERRORS)
-async def list_models(state: State, model: str | None = None) -> s.ModelsOut:
-    """Stored artifacts, one index row each, with their path."""
-    rows = [{**row, "path": str(state.store.path(row["artifact_id"]))}
-            for row in state.store.entries(model)]
-    return s.ModelsOut(models=rows)
+async def list_models(
+    state: State, model: str | None = None, kind: ArtifactKind = "model",
+) -> s.ModelsOut:
+    """Stored artifacts of one kind (default: models), one index row each, with where the
+    bundle lies under `path` (a filesystem path or an s3:// URL)."""
+    return s.ModelsOut(models=await _in_store(state, _listing, state.store, model, kind))
+
+
+def _listing(store: ArtifactStore, model: str | None, kind: str) -> list[dict[str, Any]]:
+    return [{**row, "kind": kind_of(row), "path": store.location(row["artifact_id"])}
+            for row in store.entries(model) if kind_of(row) == kind]
+
+
+def _location(store: ArtifactStore, artifact_id: str) -> str | None:
+    return store.location(artifact_id) if store.has(artifact_id) else None
 
 
 @router.get("/v1/jobs", dependencies=ReadAuth, responses=ERRORS)
@@ -435,8 +512,8 @@ async def get_job(job_ref: JobRef, state: State) -> s.JobDetailOut:
                              peak_vram_gib=a.peak_vram_gib)
                 for a in state.queue.attempts(job_id)]
     path = None
-    if job.artifact_id and state.store.has(job.artifact_id):
-        path = str(state.store.path(job.artifact_id))
+    if job.artifact_id:
+        path = await _in_store(state, _location, state.store, job.artifact_id)
     return s.JobDetailOut(**job.to_dict(), history=history, attempts_detail=attempts,
                           artifact_path=path)
 

@@ -54,6 +54,9 @@ class ClaimRequest(Strict):
     slot_vram_gib: float | None = Field(default=None, ge=0)
     #: the slot's GPU memory free now (nvidia-smi): the claim matches against it
     free_vram_gib: float | None = Field(default=None, ge=0)
+    #: GPUs of the host this slot can hand one job now: itself plus its idle sibling GPU
+    #: slots with at least its free VRAM. Default: 1 for a CUDA slot, 0 for a CPU one.
+    gpus_free: int | None = Field(default=None, ge=0, le=1024)
     allow_jobs: list[str] | None = None
     deny_jobs: list[str] = []
 
@@ -83,6 +86,8 @@ class CompleteRequest(Strict):
     attempt: int | None = Attempt
     artifact_id: str = Sha256
     metrics: dict[str, Any] = {}
+    #: the most GPU memory the trainer held (sampled by the worker up to its exit)
+    peak_vram_gib: float | None = Field(default=None, ge=0)
 
 
 class FailRequest(Strict):
@@ -96,6 +101,13 @@ class FailRequest(Strict):
         = None
     signature: str | None = Field(default=None, max_length=1000)
     peak_vram_gib: float | None = Field(default=None, ge=0)
+
+
+class CheckpointRequest(Strict):
+    lease: str = Lease
+    attempt: int | None = Attempt
+    artifact_id: str = Sha256  #: the checkpoint's bundle, already uploaded to the store
+    progress: Progress | None = None  #: where the trainer was, for the job's history
 
 
 class JobOut(BaseModel):
@@ -142,6 +154,10 @@ class JobOut(BaseModel):
     avoid_hosts: list[str] = []  #: hosts it failed on; the next attempt prefers others
     stall_after_s: float = 0.0  #: fail as stalled when progress stops this long (0: off)
     progress_at: float | None = None  #: when this attempt's progress last moved
+    checkpoint_interval_s: float = 300.0  #: how often the worker uploads a checkpoint (0: never)
+    checkpoint_id: str | None = None  #: the last checkpoint (an artifact id): retries resume it
+    checkpoint_at: float | None = None  #: when it was recorded
+    gpus: int = 0  #: GPUs of one host it needs at once (0: a CPU job)
 
 
 class EventOut(BaseModel):
@@ -182,6 +198,8 @@ class ClaimOut(BaseModel):
     command: list[str]
     timeout_s: float
     heartbeat_interval_s: float
+    #: the job's last checkpoint (an artifact id) for the trainer to resume from; None: start
+    resume_from: str | None = None
 
 
 class HeartbeatOut(BaseModel):
@@ -207,6 +225,8 @@ class WorkerOut(BaseModel):
     jobs: list[str]
     quarantined_until: float | None = None  #: its host claims nothing until then
     quarantine_reason: str | None = None
+    job_names: list[str] = []  #: the names of `jobs`, in the same order
+    host_gpus: int = 0  #: the GPUs its host has, as its slots reported them
 
 
 class WorkersOut(BaseModel):

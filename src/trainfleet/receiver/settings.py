@@ -14,9 +14,10 @@ class ReceiverSettings:
     manifest_path: Path
     state_dir: Path
     db: str | None = None  #: queue database; default <state_dir>/queue.db
-    #: Artifact store shared by several receivers (a path all of them see); default: this
-    #: receiver's own <state_dir>/models.
+    #: Artifact store shared by several receivers (a path all of them see, or
+    #: s3://bucket/prefix); default: this receiver's own <state_dir>/models.
     store: str | None = None
+    s3_endpoint_url: str | None = None  #: for MinIO, Ceph or moto; default: boto3's own
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     operator_token: str | None = None
@@ -46,13 +47,23 @@ class ReceiverSettings:
         return self.db or str(self.state_dir / "queue.db")
 
     @property
+    def store_is_s3(self) -> bool:
+        return bool(self.store and self.store.startswith("s3://"))
+
+    @property
     def store_root(self) -> Path:
-        return Path(self.store) if self.store else self.state_dir / "models"
+        """The filesystem store's root (an S3 store has none: its `--store` is a URL)."""
+        if self.store and not self.store_is_s3:
+            return Path(self.store)
+        return self.state_dir / "models"
 
     @property
     def logs_dir(self) -> Path:
-        # Beside a shared store, so that every receiver serves every trainer log.
-        return self.store_root / ".logs" if self.store else self.state_dir / "logs"
+        # Beside a shared filesystem store, so that every receiver serves every trainer log;
+        # with an S3 store each receiver keeps the logs it was sent.
+        if self.store and not self.store_is_s3:
+            return self.store_root / ".logs"
+        return self.state_dir / "logs"
 
     def tls_problem(self) -> str | None:
         """What is wrong with the TLS settings, naming the flag."""

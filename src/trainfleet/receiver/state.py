@@ -12,7 +12,7 @@ from trainfleet.queue import open_queue
 from trainfleet.queue.base import SyncResult
 from trainfleet.receiver.metrics import Metrics
 from trainfleet.receiver.settings import ReceiverSettings
-from trainfleet.store import LocalStore, SharedStore
+from trainfleet.store import ArtifactStore, open_store
 
 log = logging.getLogger("trainfleet.receiver")
 
@@ -38,8 +38,8 @@ class ReceiverState:
         self.queue = open_queue(settings.db_path, stale_after_s=settings.stale_after_s)
         if self.queue.database_clock:  # receivers sharing a database keep its time
             self.started_at, self._started_mono = self.queue.clock(), monotonic()
-        self.store = SharedStore(settings.store_root) if settings.store else LocalStore(
-            settings.store_root)
+        self.store: ArtifactStore = open_store(settings.store, settings.store_root,
+                                               settings.s3_endpoint_url)
         purged = self.store.purge_temp()
         if purged:
             log.info("removed %d partial upload(s) left by an earlier run", purged)

@@ -28,6 +28,7 @@ from trainfleet.errors import (
     InsufficientStorage,
     PayloadTooLarge,
 )
+from trainfleet.store.base import DEFAULT_KIND, check_kind
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ _NO_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 class LocalStore:
     """Artifacts on a local filesystem, with an append-only index kept in memory too."""
+
+    remote = False  #: disk calls are made on the event loop, as they always were
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -62,6 +65,18 @@ class LocalStore:
             if artifact_id not in self._paths:
                 raise ArtifactNotFound(artifact_id)
             return self._paths[artifact_id]
+
+    def location(self, artifact_id: str) -> str:
+        """The bundle's path, for people."""
+        return str(self.path(artifact_id))
+
+    def local_path(self, artifact_id: str) -> Path:
+        """The bundle's file, which the receiver sends as it is."""
+        return self.path(artifact_id)
+
+    def open(self, artifact_id: str) -> IO[bytes]:
+        """The bundle, opened for reading; ArtifactNotFound if it is not stored."""
+        return open(self.path(artifact_id), "rb")
 
     def entry(self, artifact_id: str) -> dict[str, Any]:
         """The artifact's index row; ArtifactNotFound if it is not stored."""
@@ -173,6 +188,10 @@ class Upload:
         self._digest = hashlib.sha256()
         self._head = b""  # the first bytes, whose magic number names the compression
 
+    def write_blocks(self, size: int) -> bool:
+        """Never: a local disk write is quick enough for the event loop (issue 8 measured)."""
+        return False
+
     def write(self, chunk: bytes) -> None:
         """Append a chunk; PayloadTooLarge (and the temp file removed) once past max_bytes."""
         fh = self._open_file()
@@ -191,14 +210,16 @@ class Upload:
         if len(self._head) < 4:
             self._head = (self._head + chunk)[:4]
 
-    def commit(self, *, job_id: str, model: str, mode: str, host: str) -> bool:
+    def commit(
+        self, *, job_id: str, model: str, mode: str, host: str, kind: str = DEFAULT_KIND
+    ) -> bool:
         """Verify, make durable and publish the artifact; False if it was already stored.
 
         On any error the temp file is removed and nothing becomes visible.
         """
         self._open_file()  # a finished upload cannot be committed
         try:
-            row = self._row(job_id=job_id, model=model, mode=mode, host=host)
+            row = self._row(job_id=job_id, model=model, mode=mode, host=host, kind=kind)
             self._sync_and_close()
             placed = self._store._place(self._tmp_path, row)
         except OSError as exc:
@@ -238,26 +259,12 @@ class Upload:
             raise ValueError(f"upload of {self.artifact_id} is already finished")
         return self._fh
 
-    def _row(self, *, job_id: str, model: str, mode: str, host: str) -> dict[str, Any]:
+    def _row(
+        self, *, job_id: str, model: str, mode: str, host: str, kind: str
+    ) -> dict[str, Any]:
         """The index row, once the fields and the uploaded bytes have been checked."""
-        _check_path_part("model", model)
-        _check_path_part("mode", mode)
-        actual = self._digest.hexdigest()
-        if actual != self.artifact_id:
-            raise DigestMismatch(self.artifact_id, actual)
-        compression = sniff_compression(self._head)
-        if compression is None:
-            raise BadRequest("body: not a zstd or gzip bundle")
-        return {
-            "artifact_id": self.artifact_id,
-            "job_id": job_id,
-            "model": model,
-            "mode": mode,
-            "size": self.size,
-            "host": host,
-            "compression": compression,
-            "stored_at": _iso(datetime.now(UTC)),
-        }
+        return make_row(self.artifact_id, self._digest.hexdigest(), self._head, self.size,
+                        job_id=job_id, model=model, mode=mode, host=host, kind=kind)
 
     def _sync_and_close(self) -> None:
         fh = self._open_file()
@@ -265,6 +272,33 @@ class Upload:
         os.fsync(fh.fileno())
         fh.close()
         self._fh = None
+
+
+def make_row(
+    artifact_id: str, actual: str, head: bytes, size: int, *,
+    job_id: str, model: str, mode: str, host: str, kind: str,
+) -> dict[str, Any]:
+    """An upload's index row, once its fields and its bytes (their digest `actual` and first
+    bytes `head`) have been checked; every store writes this same row."""
+    _check_path_part("model", model)
+    _check_path_part("mode", mode)
+    check_kind(kind)
+    if actual != artifact_id:
+        raise DigestMismatch(artifact_id, actual)
+    compression = sniff_compression(head)
+    if compression is None:
+        raise BadRequest("body: not a zstd or gzip bundle")
+    return {
+        "artifact_id": artifact_id,
+        "job_id": job_id,
+        "model": model,
+        "mode": mode,
+        "kind": kind,
+        "size": size,
+        "host": host,
+        "compression": compression,
+        "stored_at": _iso(datetime.now(UTC)),
+    }
 
 
 def _check_path_part(field: str, value: str) -> None:
@@ -280,6 +314,7 @@ def _parse_row(line: str) -> dict[str, Any] | None:
         return None
     if not isinstance(row, dict) or not isinstance(row.get("artifact_id"), str):
         return None
+    row.setdefault("kind", DEFAULT_KIND)  # rows written before kinds existed are models
     return row
 
 
@@ -296,6 +331,7 @@ def _repaired_row(artifact_id: str, path: Path) -> dict[str, Any]:
         "job_id": None,
         "model": model,
         "mode": mode,
+        "kind": DEFAULT_KIND,
         "size": st.st_size,
         "host": None,
         "compression": _COMPRESSION_OF[path.name],
