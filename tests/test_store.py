@@ -213,6 +213,40 @@ def test_index_is_repaired_from_bundles_on_disk(tmp_path: Path) -> None:
     assert len(index_rows(LocalStore(tmp_path).root)) == 2  # repaired once, not again
 
 
+DISK_FULL_AT_INDEX = """
+import json, resource, sys
+from pathlib import Path
+from trainfleet.store import LocalStore
+store = LocalStore(Path(sys.argv[1]))
+data = bytes.fromhex(sys.argv[2])
+# The index is already past this limit and a bundle is not: only the row append fails (EFBIG).
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+import hashlib
+artifact_id = hashlib.sha256(data).hexdigest()
+with store.begin_upload(artifact_id, 1 << 20) as up:
+    up.write(data)
+    placed = up.commit(job_id="job-9", model="gbt", mode="realistic", host="cpu-a")
+print(json.dumps({"placed": placed, "has": store.has(artifact_id),
+                  "size": store.entry(artifact_id)["size"]}))
+"""
+
+
+def test_a_full_disk_at_the_index_append_still_serves_the_artifact(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    for n in range(5):
+        upload(store, gzip_bundle(f"earlier {n}".encode())[1])
+    assert (tmp_path / "index.jsonl").stat().st_size > 1024
+    artifact_id, data = gzip_bundle(b"stored while the disk was full")
+    done = subprocess.run([sys.executable, "-c", DISK_FULL_AT_INDEX, str(tmp_path), data.hex()],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(done.stdout) == {"placed": True, "has": True, "size": len(data)}
+    assert "index row of" in done.stderr and artifact_id not in (
+        tmp_path / "index.jsonl").read_text()
+    repaired = LocalStore(tmp_path)  # the next start writes the missing row
+    assert repaired.entry(artifact_id)["size"] == len(data)
+    assert artifact_id in (tmp_path / "index.jsonl").read_text()
+
+
 def test_torn_last_index_line_is_dropped_and_repaired(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     artifact_id, data = gzip_bundle(b"torn")

@@ -120,8 +120,19 @@ class LocalStore:
             _fsync_dir(target.parent)
             self._paths[artifact_id] = target
             if artifact_id not in self._rows:  # e.g. a row whose bundle was deleted by hand
-                self._append_row(row)
+                self._index_placed(row)
             return True
+
+    def _index_placed(self, row: dict[str, Any]) -> None:
+        """Index a bundle already renamed into place. When the row cannot be appended (disk
+        full), it is kept in memory only, so the artifact is served now; the bundle is
+        durable, and the next start's repair writes its row."""
+        try:
+            self._append_row(row)
+        except OSError as exc:
+            self._rows[row["artifact_id"]] = row
+            log.warning("%s: index row of %s not written (%s); it is rebuilt from the bundle "
+                        "at the next start", self.index_path, row["artifact_id"][:12], exc)
 
     def _append_row(self, row: dict[str, Any]) -> None:
         created = not self.index_path.exists()

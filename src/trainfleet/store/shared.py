@@ -127,7 +127,7 @@ class SharedStore(LocalStore):
             _fsync_dir(target.parent)
             self._paths[artifact_id] = target
             if artifact_id not in self._rows:
-                self._append_row(row)
+                self._index_placed(row)
             return True
 
     def _append_row(self, row: dict[str, Any]) -> None:
