@@ -213,6 +213,7 @@ def test_openapi_lists_every_route_of_the_protocol(shared: Receiver) -> None:
         "/v1/job/{job_ref}/heartbeat": {"post"},
         "/v1/job/{job_ref}/complete": {"post"},
         "/v1/job/{job_ref}/fail": {"post"},
+        "/v1/job/{job_ref}/checkpoint": {"post"},
         "/v1/model/{artifact_id}": {"put", "head", "get"},
         "/v1/job/{job_ref}/log": {"put"},
         "/v1/jobs/{job_ref}/log": {"get"},
@@ -236,6 +237,8 @@ def test_openapi_lists_every_route_of_the_protocol(shared: Receiver) -> None:
         return {schemes[name]["name"] for s in paths[path][method].get("security", [])
                 for name in s}
 
+    upload_answers = set(paths["/v1/model/{artifact_id}"]["put"]["responses"])
+    assert {"201", "200", "408", "413", "503", "507"} <= upload_answers
     assert headers_of("/v1/job/claim", "post") == {"X-Worker-Token"}
     assert headers_of("/v1/job/{job_ref}/cancel", "post") == {"X-Operator-Token"}
     assert headers_of("/v1/health", "get") == set()

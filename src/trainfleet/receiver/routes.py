@@ -297,6 +297,10 @@ async def fail(job_ref: JobRef, body: s.FailRequest, state: State) -> s.JobOut:
 
 @router.put("/v1/model/{artifact_id}", dependencies=WorkerJobAuth, status_code=201,
             responses={200: {"model": s.ArtifactOut, "description": "already stored"}, **ERRORS,
+                       408: {"model": s.ErrorOut, "description":
+                             "the body stalled or arrived below the minimum rate"},
+                       503: {"model": s.ErrorOut, "description": "too many uploads running, "
+                             "or the store cannot be reached; retry after Retry-After"},
                        507: {"model": s.ErrorOut, "description": "the store's disk is full"}})
 async def put_model(
     artifact_id: ArtifactId,
