@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reload-sizes", type=_ints, help="jobs per reload (1000,10000,100000)")
     p.add_argument("--load-sizes", type=_ints, help="jobs per TOML manifest parsed (1000,10000)")
     p.add_argument("--sim-jobs", type=int, help="jobs in the simulated lab (200)")
+    p.add_argument("--pg-workers", type=_ints, dest="pg_workers",
+                   help="W values of the PostgreSQL claim cycle (1,4,16)")
     p.add_argument("--idle-window", type=float, dest="idle_window_s",
                    help="seconds per idle-worker measurement window (10)")
     p.add_argument("--http", choices=["auto", "h11", "httptools"],
@@ -61,7 +63,7 @@ def options_from(args: argparse.Namespace) -> Options:
     changes = {name: getattr(args, name) for name in (
         "runs", "claim_jobs", "claim_seconds", "claim_workers", "depths", "upload_mib",
         "reload_sizes", "load_sizes", "idle_window_s", "http", "loop", "synchronous",
-        "sim_jobs")
+        "sim_jobs", "pg_workers")
         if getattr(args, name) is not None}
     if args.figures:
         changes["figures"] = args.figures
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report.goals_text(results["goals"]))
     print()
     print(report.load_text(results))
+    for name, figure in results["figures"].items():
+        if figure.get("skipped"):
+            print(f"\nfigure {name} skipped: {figure['skipped']}")
     for name, error in results["errors"].items():
         print(f"\nfigure {name} failed:\n{error}")
     print(f"\nwritten to {results['out']} in {results['duration_s']:.0f} s")

@@ -117,6 +117,15 @@ def upload_growth(results: Results) -> float | None:
     return row["ours"]["max"]  # type: ignore[no-any-return]
 
 
+def pg_exactly_once(results: Results) -> float | None:
+    """Runs of the PostgreSQL figure, either side, that were not exactly once."""
+    runs = results["figures"]["postgres"]["runs"]
+    found = [r for by in runs.values() for side in by.values() for r in side]
+    if not found:
+        return None
+    return float(sum(r["double_completions"] + (1 - r["exactly_once"]) for r in found))
+
+
 GOALS = [
     Goal("claim cycle >= 0.6 x starlette+sqlite floor at W=16",
          ratio("claim cycle W=16", "starlette+sqlite"), 0.6, True),
@@ -131,6 +140,13 @@ GOALS = [
          ours("p50 @100,000 / p50 @100 (ineligible ahead)"), 1.5, False),
     Goal("upload >= 0.8 x plain write+fsync", upload_ratio, 0.8, True),
     Goal("upload peak RSS growth <= 10 MiB (worst run)", upload_growth, 10.0, False),
+    Goal("postgresql claim cycle >= 0.6 x raw SKIP LOCKED loop at W=1",
+         ratio("postgresql claim cycle W=1", "raw skip locked"), 0.6, True),
+    Goal("postgresql claim cycle >= 0.6 x raw SKIP LOCKED loop at W=4",
+         ratio("postgresql claim cycle W=4", "raw skip locked"), 0.6, True),
+    Goal("postgresql claim cycle >= 0.6 x raw SKIP LOCKED loop at W=16",
+         ratio("postgresql claim cycle W=16", "raw skip locked"), 0.6, True),
+    Goal("postgresql: every run exactly once, both sides", pg_exactly_once, 0.0, False),
     Goal("sync of 10,000 jobs <= 1 s", ours("sync 10,000 jobs into an empty queue"), 1.0, False),
     Goal("idempotent sync of 10,000 jobs <= 0.5 s", ours("sync 10,000 jobs again (idempotent)"),
          0.5, False),

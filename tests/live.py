@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 
@@ -18,9 +19,9 @@ READY_DEADLINE_S = 10.0
 
 
 @contextmanager
-def serving(settings: ReceiverSettings) -> Iterator[tuple[str, int]]:
-    """Run create_app(settings) in uvicorn on a thread until the block ends."""
-    app = create_app(settings)
+def serving(settings: ReceiverSettings, **options: Any) -> Iterator[tuple[str, int]]:
+    """Run create_app(settings, **options) in uvicorn on a thread until the block ends."""
+    app = create_app(settings, **options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind(("127.0.0.1", 0))

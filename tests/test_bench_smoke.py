@@ -49,6 +49,20 @@ def test_claim_cycle_completes_every_job_exactly_once(results: dict[str, Any]) -
             assert run["double_claims"] == 0 and run["left_live"] == 0
 
 
+def test_postgres_claim_cycle_completes_every_job_exactly_once_on_both_sides(
+    results: dict[str, Any],
+) -> None:
+    """Figure 7 on a throwaway cluster: ours (PostgresQueue) and the raw SKIP LOCKED floor
+    each drain the queue, and the database says each job completed once."""
+    runs = results["figures"]["postgres"]["runs"]
+    for w in SMOKE.pg_workers:
+        for side in ("ours", "raw skip locked"):
+            [run] = runs[f"W={w}"][side]
+            assert run["exactly_once"] == 1, (side, run)
+            assert run["double_completions"] == 0 and run["left_live"] == 0
+            assert run["completed"] == SMOKE.claim_jobs  # drained: no time limit
+
+
 def test_results_file_holds_the_run_and_every_goal_is_judged(results: dict[str, Any]) -> None:
     saved = json.loads(Path(results["out"]).read_text())
     assert saved["figures"].keys() == results["figures"].keys()
@@ -57,6 +71,7 @@ def test_results_file_holds_the_run_and_every_goal_is_judged(results: dict[str, 
     assert all(g["verdict"] in ("PASS", "MISS", "n/a") for g in saved["goals"])
     verdicts = {g["goal"]: g["verdict"] for g in saved["goals"]}
     assert verdicts["0 double completions (and every run exactly once)"] == "PASS"
+    assert verdicts["postgresql: every run exactly once, both sides"] == "PASS"
 
 
 def test_report_prints_a_line_per_row_and_per_goal(results: dict[str, Any]) -> None:

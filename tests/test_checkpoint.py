@@ -4,14 +4,20 @@ workers upload a trainer's checkpoints and hand the next attempt (on another hos
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import os
+import pickle
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +175,8 @@ def test_newest_skips_temp_names_and_unsettled_entries_and_pack_round_trips(
 
 # A trainer that counts steps, writes each as a checkpoint file (temp name, then rename)
 # and sleeps; it resumes from {resume_from}, and reports where it started in its output.
+# Markers steer it: "fail" exits 3; "pause" stops writing checkpoints (it says "paused"),
+# and with "torn" as well it writes step-999999.json in place, a byte at a time, forever.
 STEP_TRAINER = '''\
 import json, os, sys, time
 from pathlib import Path
@@ -182,6 +190,16 @@ step = json.loads(Path(resume).read_text())["step"] if resume else 0
 print("attempt", attempt, "starts at step", step, flush=True)
 started = step
 while not (markers / "release").exists():
+    if (markers / "fail").exists():
+        sys.exit(3)
+    if (markers / "pause").exists():
+        (markers / "paused").write_text(str(step))
+        if (markers / "torn").exists():
+            with open(ckpt_dir / "step-999999.json", "a") as fh:
+                fh.write("{")
+            (markers / "torn-written").touch()
+        time.sleep(0.05)
+        continue
     step += 1
     tmp = ckpt_dir / ".step.tmp"
     tmp.write_text(json.dumps({"step": step}))
@@ -276,6 +294,7 @@ def test_sigterm_uploads_the_newest_checkpoint_before_handing_the_job_back(
     written = wait_for("the trainer's third checkpoint", lambda: [
         path for path in first.state_dir.rglob("checkpoints/step-000003.json")], timeout_s=30)
     assert receiver.job(job_id)["checkpoint_id"] is None
+    pause_until_settled(fleet, written[0].parent)
     first.proc.send_signal(signal.SIGTERM)
     assert first.wait_exit(timeout_s=20) == 0
     back = receiver.job(job_id)
@@ -287,6 +306,172 @@ def test_sigterm_uploads_the_newest_checkpoint_before_handing_the_job_back(
     assert kinds[-2:] == ["checkpoint", "failed"] and kinds.count("checkpoint") == 1
 
     finish_on_another_host(fleet, receiver, job_id, tmp_path, back["checkpoint_id"])
+
+
+def pause_until_settled(fleet: Fleet, ckpt_dir: Path) -> None:
+    """Stop the trainer writing checkpoints, and wait until its newest is settled: older than
+    SETTLE_S (the worker passes over an entry changed within SETTLE_S of the trainer's end)."""
+    (fleet.markers / "pause").touch()
+    wait_for("the trainer to pause", (fleet.markers / "paused").exists)
+    newest_mtime = max(p.stat().st_mtime for p in ckpt_dir.glob("step-*.json"))
+    wait_for("its newest checkpoint to settle",
+             lambda: time.time() > newest_mtime + checkpoint.SETTLE_S + 0.2)
+
+
+@pytestmark_posix
+@pytest.mark.slow
+def test_a_checkpoint_torn_by_the_trainers_end_is_not_kept_the_settled_one_is(
+    fleet: Fleet, tmp_path: Path,
+) -> None:
+    """A trainer stopped mid in-place write leaves a torn file: the worker's last upload
+    must take the newest settled checkpoint instead, or every retry resumes from garbage."""
+    receiver, job_id = step_receiver(fleet, interval_s=3600)  # only the last upload
+    first = fleet.worker(receiver.url, "cpu-a", CPU_A)
+    [third] = wait_for("the trainer's third checkpoint", lambda: [
+        path for path in first.state_dir.rglob("checkpoints/step-000003.json")], timeout_s=30)
+    pause_until_settled(fleet, third.parent)
+    good = max(third.parent.glob("step-0*.json"))
+    (fleet.markers / "torn").touch()
+    wait_for("the in-place write to begin", (fleet.markers / "torn-written").exists)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait_exit(timeout_s=20) == 0
+    back = receiver.job(job_id)
+    assert back["status"] == "pending" and back["checkpoint_id"] is not None
+    assert checkpoint_step(receiver, back["checkpoint_id"], tmp_path) == json.loads(
+        good.read_text())["step"]
+
+
+def test_pack_drops_a_bundle_when_the_entry_is_rewritten_in_place(tmp_path: Path) -> None:
+    """pack hard-links the trainer's files: a rewrite in place after `newest` looked would
+    leak into the bundle, so the entry is fingerprinted again after packing."""
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    entry = ckpt / "latest.bin"
+    entry.write_bytes(b"epoch 1 weights")
+    os.utime(entry, (T0, T0))
+    found = checkpoint.newest(ckpt)
+    assert found is not None
+    with open(entry, "r+b") as fh:  # the trainer starts its next save in place
+        fh.write(b"EPOCH 2")
+    with pytest.raises(checkpoint.Changed, match="latest.bin changed while it was packed"):
+        checkpoint.pack(found, tmp_path / "work")
+    assert not (tmp_path / "work" / "checkpoint.bundle").exists()
+    again = checkpoint.newest(ckpt, settle_s=0.0)
+    assert again is not None
+    made = checkpoint.pack(again, tmp_path / "work")  # unchanged since: packed
+    unpacked = checkpoint.unpack(made.path, tmp_path / "resume")
+    assert unpacked.read_bytes() == b"EPOCH 2 weights"
+
+
+class HoldingProxy:
+    """A slow link, for real workers: a loopback HTTP proxy in front of a receiver that
+    holds each checkpoint upload (PUT ...kind=checkpoint) until `release` is set."""
+
+    def __init__(self, target_url: str) -> None:
+        self.target = urllib.parse.urlsplit(target_url)
+        self.held = threading.Event()  #: a checkpoint upload came and is being held
+        self.release = threading.Event()
+        self.answered = threading.Event()  #: the receiver answered a held upload
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                hold = self.command == "PUT" and "kind=checkpoint" in self.path
+                if hold:
+                    proxy.held.set()
+                    proxy.release.wait(60)
+                conn = http.client.HTTPConnection(proxy.target.hostname or "127.0.0.1",
+                                                  proxy.target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                conn.close()
+                if hold:  # before answering: the worker may be gone (a broken pipe)
+                    proxy.answered.set()
+                self.send_response(answer.status, answer.reason)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("connection", "content-length",
+                                            "transfer-encoding", "server", "date"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = forward
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> HoldingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join()
+
+
+@pytestmark_posix
+@pytest.mark.slow
+def test_heartbeats_go_on_while_the_last_checkpoint_uploads_after_a_failure(
+    fleet: Fleet, tmp_path: Path,
+) -> None:
+    """The last upload of a large checkpoint on a slow link must not outlast the stale
+    timeout: the worker heartbeats while it waits for it."""
+    receiver, job_id = step_receiver(fleet, interval_s=3600)  # only the last upload
+    with HoldingProxy(receiver.url) as proxy:
+        first = fleet.worker(proxy.url, "cpu-a", CPU_A, "--max-jobs", "1")
+        [third] = wait_for("the trainer's third checkpoint", lambda: [
+            path for path in first.state_dir.rglob("checkpoints/step-000003.json")],
+            timeout_s=30)
+        pause_until_settled(fleet, third.parent)
+        (fleet.markers / "fail").touch()  # the trainer exits 3: its last checkpoint is kept
+        wait_for("the last checkpoint's upload", proxy.held.is_set)
+        for _ in range(2):
+            before = receiver.job(job_id)["heartbeat_at"]
+            wait_for("a heartbeat while the upload is held",
+                     lambda b=before: receiver.job(job_id)["heartbeat_at"] > b)
+        assert receiver.job(job_id)["checkpoint_id"] is None  # still on its way
+        proxy.release.set()
+        assert first.wait_exit(timeout_s=30) == 0
+    back = receiver.job(job_id)
+    assert back["status"] == "pending" and back["checkpoint_id"] is not None
+    assert [e["kind"] for e in back["history"]][-2:] == ["checkpoint", "failed"]
+    assert checkpoint_step(receiver, back["checkpoint_id"], tmp_path) >= 3
+
+
+@pytestmark_posix
+@pytest.mark.slow
+def test_a_finished_trainer_completes_without_waiting_for_a_checkpoint_upload(
+    fleet: Fleet,
+) -> None:
+    """A periodic upload still on its way when the trainer exits 0 is of no use: the job
+    completes at once, and the abandoned upload records nothing afterwards."""
+    receiver, job_id = step_receiver(fleet, interval_s=0.5)
+    with HoldingProxy(receiver.url) as proxy:
+        first = fleet.worker(proxy.url, "cpu-a", CPU_A, "--max-jobs", "1")
+        wait_for("a periodic checkpoint upload", proxy.held.is_set, timeout_s=30)
+        (fleet.markers / "release").write_text("go")
+        receiver.wait_status(job_id, "completed")
+        assert not proxy.answered.is_set()  # completed while the upload was held
+        proxy.release.set()
+        wait_for("the held upload to be answered", proxy.answered.is_set)
+        assert first.wait_exit(timeout_s=30) == 0
+    done = receiver.job(job_id)
+    assert done["status"] == "completed" and done["checkpoint_id"] is None
+    assert "checkpoint" not in [e["kind"] for e in done["history"]]
 
 
 @pytestmark_posix
@@ -343,10 +528,50 @@ def test_example_mlp_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path: P
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
     run_example(tmp_path, "first-half", 3, "--checkpoint-dir", str(ckpt))
-    assert sorted(p.name for p in ckpt.iterdir()) == ["mlp.pkl"]  # no temp file left
-    resumed = run_example(tmp_path, "resumed", 6, "--resume-from", str(ckpt / "mlp.pkl"),
+    assert sorted(p.name for p in ckpt.iterdir()) == ["mlp.npz"]  # no temp file left
+    resumed = run_example(tmp_path, "resumed", 6, "--resume-from", str(ckpt / "mlp.npz"),
                           "--checkpoint-dir", "")
     assert "resumed after epoch 3/6" in resumed["log"]
     assert "epoch 1/6" not in resumed["log"] and "epoch 4/6" in resumed["log"]
     whole = run_example(tmp_path, "whole", 6)
     assert resumed["accuracy"] == whole["accuracy"]  # a warm start, not a fresh one
+
+
+class _Plant:
+    """Unpickling this makes a directory: proof that a checkpoint ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.parametrize("form", ["pickle", "npz-with-object-array"])
+def test_example_mlp_loads_a_planted_checkpoint_as_data_and_refuses_it(
+    tmp_path: Path, form: str,
+) -> None:
+    """A checkpoint comes from another host: a pickle in it must not run here."""
+    pytest.importorskip("sklearn")
+    import numpy as np
+
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "mlp.npz"
+    if form == "pickle":
+        planted.write_bytes(pickle.dumps({"model": _Plant(marker), "epoch": 3}))
+    else:
+        payload = np.empty(1, dtype=object)
+        payload[0] = _Plant(marker)
+        with open(planted, "wb") as fh:
+            np.savez(fh, meta=payload)
+    hyper = tmp_path / "hyper.json"
+    hyper.write_text(json.dumps({"epochs": 6, "hidden": 16}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--model", "mlp", "--mode", "oracle", "--seed", "3",
+         "--hyper", str(hyper), "--out", str(tmp_path / "out"), "--resume-from", str(planted),
+         "--checkpoint-dir", ""],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert not marker.exists()
+    assert proc.returncode == 2, proc.stderr
+    assert "--resume-from:" in proc.stderr and "not an mlp checkpoint" in proc.stderr

@@ -63,11 +63,16 @@ FAILURES = [None, Cause.CUDA_OOM, Cause.RAM_OOM, Cause.TRAINER_ERROR]
     failure=st.sampled_from(FAILURES),
     fail_host=st.sampled_from(HOSTS),
     gpus_free=st.sampled_from([None, 0, 1, 2, 3]),
+    # The offer of each GPU by its free memory (None: an older worker's gpus_free), and the
+    # host's GPU count, which may make the claim hold back for a wider job.
+    free_per_gpu=st.none() | st.lists(st.sampled_from([0.0, 8.0, 16.0, 20.0, 40.0, 80.0]),
+                                      max_size=4),
+    host_size=st.sampled_from([None, 1, 2, 3, 4]),
 )
 def test_claim_returns_the_best_job_matching_calls_eligible(
     fresh_queue: QueueFactory, fields: list[dict[str, Any]], cap: Capability,
     own_deny: list[str], cuda_peer: bool, failure: Cause | None, fail_host: str,
-    gpus_free: int | None,
+    gpus_free: int | None, free_per_gpu: list[float] | None, host_size: int | None,
 ) -> None:
     manifest = _manifest(fields)
     q = fresh_queue()  # a new database for each example
@@ -88,11 +93,13 @@ def test_claim_returns_the_best_job_matching_calls_eligible(
         live.append(matching.Slot(peer, 80.0, matching.merge_policy(
             manifest.hosts.get("h2"), None, ())))
     pending = q.list_jobs(status="pending")
-    claim = q.claim_next("w", cap, own_deny=tuple(own_deny), now=T0 + 10, gpus_free=gpus_free)
+    claim = q.claim_next("w", cap, own_deny=tuple(own_deny), now=T0 + 10, gpus_free=gpus_free,
+                         free_vram_per_gpu=free_per_gpu, host_gpus=host_size)
     q.close()
     slot = matching.Slot(cap, cap.max_vram_gib,
                          matching.merge_policy(manifest.hosts.get(cap.hostname), None, own_deny),
                          gpus_free=gpus_free)
+    offer = matching.offered(slot, None, free_per_gpu)
     # The registry's slots offer their host's GPUs (every GPU index any of its slots reported).
     host_gpus: dict[str, set[int]] = {}
     for known in [*live, slot]:
@@ -100,12 +107,65 @@ def test_claim_returns_the_best_job_matching_calls_eligible(
     live = [dataclasses.replace(s, gpus_free=len(host_gpus[s.hostname]) or None) if s.cuda
             else s for s in live]
     live.append(slot)
-    eligible = [
-        j for j in pending if matching.is_eligible(j, slot, live, T0 + 10 - j.pending_since)
-    ]
-    if not eligible:
+
+    def best_for(some: matching.Slot) -> Any:
+        eligible = [j for j in pending
+                    if matching.is_eligible(j, some, live, T0 + 10 - j.pending_since)]
+        return min(eligible, key=lambda j: matching.rank_key(j, cap.cuda), default=None)
+
+    best = best_for(offer)
+    if host_size is not None and matching.reserves(offer, host_size) and matching.held_for(
+            best, best_for(matching.whole_host(slot, host_size)), offer):
+        best = None  # held back for a wider job that ranks first
+    if best is None:
         assert claim is None
         return
-    best = min(eligible, key=lambda j: matching.rank_key(j, cap.cuda))
     assert claim is not None
     assert claim.job.job_id == best.job_id
+
+
+# Jobs and offers of a multi-GPU host, so that the per-GPU offer and the reservation rule
+# (matching.held_for) are exercised often: every job can run on the host with all its GPUs.
+wide_job_fields = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(["gbt", "mlp"]),
+        "mode": st.just("realistic"),
+        "priority": st.integers(-1, 1),
+        "prefer_cuda": st.booleans(),
+        "min_vram_gib": st.sampled_from([0.0, 8.0, 16.0, 24.0]),
+        "gpus": st.sampled_from([0, 1, 2, 3, 4]),
+    }
+).map(lambda f: {**f, "require_cuda": True} if f["gpus"] else
+      {k: v for k, v in f.items() if k != "gpus"})
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    fields=st.lists(wide_job_fields, min_size=1, max_size=8),
+    free_per_gpu=st.lists(st.sampled_from([0.0, 7.9, 8.0, 16.0, 20.0, 24.0]), max_size=4),
+    host_size=st.sampled_from([None, 4]),
+)
+def test_a_per_gpu_offer_and_the_reservation_agree_with_matching(
+    fresh_queue: QueueFactory, fields: list[dict[str, Any]], free_per_gpu: list[float],
+    host_size: int | None,
+) -> None:
+    quad = Capability(hostname="h1", os="linux", cpu_count=16, ram_gib=64.0, cuda=True,
+                      gpus=tuple(Gpu(i, "G", 24.0) for i in range(4)))
+    q = fresh_queue()
+    q.sync_manifest(_manifest(fields), now=T0)
+    pending = q.list_jobs(status="pending")
+    claim = q.claim_next("w", quad, now=T0, free_vram_per_gpu=free_per_gpu, host_gpus=host_size)
+    q.close()
+    slot = matching.Slot(quad, 24.0)
+    offer = matching.offered(slot, None, free_per_gpu)
+
+    def best_for(some: matching.Slot) -> Any:
+        eligible = [j for j in pending if matching.is_eligible(j, some)]
+        return min(eligible, key=lambda j: matching.rank_key(j, True), default=None)
+
+    best = best_for(offer)
+    if host_size is not None and matching.reserves(offer, host_size) and matching.held_for(
+            best, best_for(matching.whole_host(slot, host_size)), offer):
+        best = None
+    assert (claim and claim.job.job_id) == (best and best.job_id)

@@ -3,6 +3,7 @@ claim on both backends, unschedulable detection, and the registry's view of slot
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,14 +11,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from psycopg.types.json import Jsonb
 
 from tests.conftest import HEADER, gpu, job, make_manifest, manifest_text
 from tests.fleet import Fleet, wait_for
+from tests.live import serving
+from tests.pg import Cluster
 from trainfleet import matching
 from trainfleet.capability import Capability, Gpu
-from trainfleet.errors import ManifestError
+from trainfleet.client import Client
+from trainfleet.errors import ManifestError, ReceiverError
 from trainfleet.manifest import loads
 from trainfleet.queue.base import JobQueue, Status
+from trainfleet.queue.postgres import CLAIMS, ORDER_CUDA, PostgresQueue
+from trainfleet.receiver.settings import ReceiverSettings
+from trainfleet.worker import SlotGroup, WorkerSettings, plan_slots
 
 T0 = 1_000_000.0
 
@@ -76,6 +84,54 @@ def test_a_job_on_two_gpus_needs_a_slot_that_can_offer_two() -> None:
     assert matching.explain(cpu_job, busy) == []
 
 
+def test_a_per_gpu_offer_holds_a_job_on_n_gpus_to_the_n_th_best() -> None:
+    two = make_manifest([job("two", require_cuda=True, gpus=2, min_vram_gib=30)]).jobs[0]
+    one = make_manifest([job("one", require_cuda=True, min_vram_gib=30)]).jobs[0]
+    base = matching.Slot(host("h", 0, 1, 2), 80.0)
+    uneven = matching.offered(base, None, [20.0, 40.0, 29.9])
+    assert uneven.free_vram == (40.0, 29.9, 20.0) and uneven.gpus == 3
+    assert matching.explain(two, uneven) == [
+        "needs 2 GPUs with 30 GiB free each; this slot can offer 1"]
+    assert matching.explain(one, uneven) == []
+    assert matching.explain(two, matching.offered(base, None, [30.0, 31.0])) == []
+    assert matching.explain(one, matching.offered(base, None, [])) == [
+        "needs 1 GPUs on one host, this slot can offer 0"]
+    # An older worker's single figure: gpus_free GPUs, each with it (capped at the total).
+    older = matching.offered(matching.Slot(host("h", 0), 24.0, gpus_free=2), 30.0)
+    assert (older.vram_gib, older.gpus, older.free_vram) == (24.0, 2, None)
+
+
+def test_the_reservation_rule_holds_a_narrow_offer_for_a_higher_ranked_wider_job() -> None:
+    one, two, low_two = make_manifest([
+        job("one", require_cuda=True, priority=1), job("two", require_cuda=True, gpus=2,
+                                                       priority=2),
+        job("low-two", require_cuda=True, gpus=2)]).jobs
+    narrow = matching.offered(matching.Slot(host("duo", 0), 24.0), None, [24.0])
+    assert matching.reserves(narrow, 2) and not matching.reserves(narrow, 1)
+    assert not matching.reserves(matching.offered(narrow, None, [24.0, 24.0]), 2)
+    assert matching.held_for(one, two, narrow)  # "two" ranks first and needs both GPUs
+    assert matching.held_for(None, two, narrow)
+    assert not matching.held_for(one, low_two, narrow)  # ranks below "one"
+    assert not matching.held_for(one, None, narrow)
+    assert not matching.held_for(one, one, narrow)  # the best job fits the offer
+
+
+def test_why_says_a_job_is_held_back_for_a_higher_ranked_wider_one() -> None:
+    huge, two, one, low_two = make_manifest([
+        job("huge", require_cuda=True, gpus=2, min_vram_gib=40, priority=3),  # fits no host
+        job("two", require_cuda=True, gpus=2, priority=2), job("one", require_cuda=True),
+        job("low-two", require_cuda=True, gpus=2, priority=-1)]).jobs
+    pending = [huge, two, one, low_two]
+    slots = {"duo-gpu0": matching.Slot(host("duo", 0), 24.0, gpus_free=2),
+             "solo": matching.Slot(host("solo", 0), 24.0)}
+    held = "held back for 'two' (ranked higher, needs 2 GPUs): duo drains until it fits"
+    assert matching.explain_fleet(one, slots, pending=pending) == {
+        "duo-gpu0": [held], "solo": []}
+    assert matching.explain_fleet(two, slots, pending=pending) == {
+        "duo-gpu0": [], "solo": ["needs 2 GPUs on one host, this slot can offer 1"]}
+    assert matching.explain_fleet(one, slots) == {"duo-gpu0": [], "solo": []}
+
+
 def test_a_job_wider_than_every_host_seen_is_unschedulable_with_the_reason() -> None:
     four = make_manifest([job("four", require_cuda=True, gpus=4)]).jobs[0]
     seen = [matching.Slot(host("duo", 0), 24.0, gpus_free=2),
@@ -95,11 +151,50 @@ def test_claim_gives_a_multi_gpu_job_only_to_a_slot_offering_enough_gpus(
 ) -> None:
     queue.sync_manifest(make_manifest([job("two", require_cuda=True, gpus=2, priority=5),
                                        job("one", require_cuda=True)]), now=T0)
-    first = queue.claim_next("duo-gpu0", host("duo", 0), now=T0, gpus_free=1)
-    assert first is not None and first.job.name == "one"  # "two" ranks first but cannot fit
-    assert queue.claim_next("duo-gpu1", host("duo", 1), now=T0, gpus_free=0) is None
-    wide = queue.claim_next("duo-gpu1", host("duo", 1), now=T0, gpus_free=2)
+    # One GPU of two offered: "two" ranks first and needs both, so the host drains for it
+    # rather than start "one" on the free GPU (the reservation rule).
+    assert queue.claim_next("duo-gpu0", host("duo", 0), now=T0, free_vram_per_gpu=[24.0],
+                            host_gpus=2) is None
+    assert queue.claim_next("duo-gpu1", host("duo", 1), now=T0, free_vram_per_gpu=[],
+                            host_gpus=2) is None
+    wide = queue.claim_next("duo-gpu1", host("duo", 1), now=T0, free_vram_per_gpu=[24.0, 24.0],
+                            host_gpus=2)
     assert wide is not None and wide.job.name == "two" and wide.job.gpus == 2
+    # Nothing wider is pending now: a one-GPU offer takes "one".
+    one = queue.claim_next("duo-gpu0", host("duo", 0), now=T0, free_vram_per_gpu=[24.0],
+                           host_gpus=2)
+    assert one is not None and one.job.name == "one"
+
+
+def test_an_older_worker_offering_one_gpu_is_not_held_back(queue: JobQueue) -> None:
+    queue.sync_manifest(make_manifest([job("two", require_cuda=True, gpus=2, priority=5),
+                                       job("one", require_cuda=True)]), now=T0)
+    first = queue.claim_next("duo-gpu0", host("duo", 0), now=T0, gpus_free=1)
+    assert first is not None and first.job.name == "one"  # no host_gpus: no reservation
+
+
+def test_the_reservation_holds_only_for_a_higher_ranked_job_the_host_can_run(
+    queue: JobQueue,
+) -> None:
+    queue.sync_manifest(make_manifest([
+        job("too-big", require_cuda=True, gpus=2, min_vram_gib=40, priority=9),  # never fits
+        job("one", require_cuda=True, priority=5),
+        job("two", require_cuda=True, gpus=2)]), now=T0)
+    got = queue.claim_next("duo-gpu0", host("duo", 0), now=T0, free_vram_per_gpu=[24.0],
+                           host_gpus=2)
+    assert got is not None and got.job.name == "one"  # "two" ranks below it
+
+
+def test_a_job_on_n_gpus_fits_the_n_th_best_free_figure(queue: JobQueue) -> None:
+    # Four GPUs whose free memory differs a little, as nvidia-smi reports it: a job on all
+    # four with 79 GiB each fits; one needing 79.2 GiB on each does not.
+    queue.sync_manifest(make_manifest([
+        job("greedy", require_cuda=True, gpus=4, min_vram_gib=79.2, priority=1),
+        job("quad", require_cuda=True, gpus=4, min_vram_gib=79)]), now=T0)
+    free = [79.1, 79.3, 79.2, 79.25]
+    got = queue.claim_next("quad", host("quad", 0, 1, 2, 3, vram_gib=80.0), now=T0,
+                           free_vram_per_gpu=free)
+    assert got is not None and got.job.name == "quad"
 
 
 def test_a_claim_with_no_gpus_free_still_takes_a_cpu_job(queue: JobQueue) -> None:
@@ -125,6 +220,28 @@ def test_job_wider_than_every_known_host_is_unschedulable_until_a_wide_host_come
 
     got = queue.claim_next("quad", host("quad", 0, 1, 2, 3), now=T0 + 2, gpus_free=4)
     assert got is not None and got.job.job_id == four.job_id  # made pending, then claimed
+
+
+def test_the_held_claim_walks_the_cuda_index_in_both_picks(pg_cluster: Cluster) -> None:
+    """CLAIM_HELD (a narrow offer on a wider host) picks the wide job and the claimed one
+    each by walking jobs_pending_cuda, never sorting."""
+    q = PostgresQueue(pg_cluster.fresh_schema())
+    try:
+        q.sync_manifest(make_manifest([job(f"j{i}", seed=i, require_cuda=True, gpus=1 + i % 2)
+                                       for i in range(50)]), now=T0)
+        params = {"lease": "x", "worker_id": "w", "hostname": "h", "now": T0, "cuda": True,
+                  "vram": 24.0, "ram": 8.0, "gpus": 1, "allow": None, "deny": [],
+                  "stale_after_s": 600.0, "hosts_md5": q._host_policies[0],
+                  "free": Jsonb([24.0]), "host_gpus": 2, "wide_vram": 24.0}
+        with q._connection() as conn:
+            conn.execute("SET enable_seqscan = off")
+            plan = "\n".join(row["QUERY PLAN"] for row in conn.execute(
+                "EXPLAIN " + CLAIMS[True, ORDER_CUDA], params))
+            conn.rollback()
+    finally:
+        q.close()
+    assert plan.count("Index Scan using jobs_pending_cuda") == 2, plan
+    assert "Sort" not in plan
 
 
 def test_workers_name_the_jobs_each_slot_runs_and_count_the_hosts_gpus(
@@ -153,6 +270,33 @@ def test_complete_records_the_peak_vram_on_the_attempt(queue: JobQueue) -> None:
     # A repeated complete (same lease and artifact) is a no-op, and a lower peak never wins.
     queue.complete(claim.job.job_id, claim.lease, "a" * 64, {}, now=T0 + 3, peak_vram_gib=1.0)
     assert queue.attempts(claim.job.job_id)[0].peak_vram_gib == 5.5
+
+
+# -- the receiver ------------------------------------------------------------
+
+
+def test_the_receiver_matches_a_per_gpu_offer_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(manifest_text([
+        job("two", require_cuda=True, gpus=2, min_vram_gib=30, priority=1),
+        job("one-a", require_cuda=True), job("one-b", require_cuda=True)]))
+    duo = host("duo", 0, 1, vram_gib=80.0).to_dict()
+    with serving(ReceiverSettings(manifest_path=manifest, state_dir=tmp_path / "s")) as addr:
+        client = Client(f"http://{addr[0]}:{addr[1]}")
+        for bad in ([-1.0], [24.0] * 65, ["x"]):
+            with pytest.raises(ReceiverError) as refused:
+                client.claim("duo", duo, free_vram_per_gpu=bad)  # type: ignore[arg-type]
+            assert refused.value.status == 422 and "free_vram_per_gpu" in str(refused.value)
+        with pytest.raises(ReceiverError) as refused:
+            client.claim("duo", duo, free_vram_per_gpu=[40.0], host_gpus=-1)
+        assert refused.value.status == 422 and "host_gpus" in str(refused.value)
+        # 40 and 20 GiB free: "two" needs 30 on each, so the whole host takes "one-a".
+        got = client.claim("duo", duo, free_vram_per_gpu=[20.0, 40.0], host_gpus=2)
+        assert got is not None and got["job"]["name"] == "one-a"
+        # One GPU of two offered: "one-b" is held back for "two", which ranks first.
+        assert client.claim("duo", duo, free_vram_per_gpu=[40.0], host_gpus=2) is None
+        got = client.claim("duo", duo, free_vram_per_gpu=[31.0, 40.0], host_gpus=2)
+        assert got is not None and got["job"]["name"] == "two"
 
 
 # -- end to end: a real worker daemon with fake GPUs --------------------------
@@ -224,6 +368,62 @@ def test_a_job_wider_than_the_fleet_is_unschedulable_and_why_says_so(fleet: Flee
         ("needs 4 GPUs on one host, this slot can offer 2",)}
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
+def test_a_wide_job_is_not_starved_by_a_stream_of_one_gpu_jobs(fleet: Fleet) -> None:
+    quick = {"sleep_s": 0.1}
+    receiver = fleet.receiver(fleet.manifest([
+        job("first", model="transformer", hyper={"gate": "first"}, require_cuda=True,
+            priority=2),
+        job("wide", model="transformer", hyper=quick, require_cuda=True, gpus=2, priority=1),
+        *(job(f"s{i}", model="transformer", hyper=quick, require_cuda=True)
+          for i in range(4))]))
+    worker = fleet.worker(receiver.url, "duo", DUO, "--slots", "auto")
+    jobs = receiver.jobs_by_name()
+    first = receiver.wait_status(jobs["first"]["job_id"], "running")
+    # Several heartbeats (0.5 s) span many polls (0.2 s) of the other slot, whose GPU is
+    # free: it is held back for "wide", so no one-GPU job starts meanwhile.
+    for _ in range(3):
+        before = receiver.job(first["job_id"])["heartbeat_at"]
+        wait_for("a heartbeat", lambda b=before: receiver.job(first["job_id"])["heartbeat_at"] > b)
+    assert {name: receiver.job(j["job_id"])["status"] for name, j in jobs.items()
+            if name != "first"} == {"wide": "pending", **{f"s{i}": "pending" for i in range(4)}}
+    why = receiver.client.why(jobs["s0"]["job_id"])
+    assert {tuple(w["reasons"]) for w in why["workers"]} == {
+        ("held back for 'wide' (ranked higher, needs 2 GPUs): duo drains until it fits",)}
+
+    fleet.release("first")
+    done = {name: receiver.wait_status(j["job_id"], "completed", timeout_s=30)
+            for name, j in jobs.items()}
+    started = {name: j["attempts_detail"][0]["started_at"] for name, j in done.items()}
+    assert started["wide"] < min(started[f"s{i}"] for i in range(4))
+    log = receiver.client.get_log(jobs["wide"]["job_id"])
+    assert "CUDA_VISIBLE_DEVICES=0,1\n" in log or "CUDA_VISIBLE_DEVICES=1,0\n" in log
+    assert worker.stop() == 0
+
+
+QUAD = {"hostname": "quad", "cuda": True, "cpu_count": 16, "ram_gib": 64,
+        "gpus": [{"index": i, "name": "Fake", "vram_gib": 80, "free_vram_gib": free}
+                 for i, free in enumerate([79.1, 79.3, 79.2, 79.25])]}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
+def test_a_whole_host_worker_runs_a_job_on_the_gpus_with_the_most_free_memory(
+    fleet: Fleet,
+) -> None:
+    # One slot over the whole host (--slots 1): it offers all four GPUs as nvidia-smi reads
+    # them, a little apart; the job on two runs on the two with the most free memory.
+    receiver = fleet.receiver(fleet.manifest([
+        job("pair", model="transformer", hyper={"sleep_s": 0.1}, require_cuda=True, gpus=2,
+            min_vram_gib=79)]))
+    job_id = receiver.jobs_by_name()["pair"]["job_id"]
+    worker = fleet.worker(receiver.url, "quad", QUAD, "--slots", "1", "--max-jobs", "1")
+    assert worker.wait_exit(timeout_s=30) == 0
+    assert receiver.job(job_id)["status"] == "completed"
+    assert "CUDA_VISIBLE_DEVICES=1,3\n" in receiver.client.get_log(job_id)
+
+
 def fake_nvidia_smi_switched(fleet: Fleet, used_mib: int) -> Path:
     """A bin dir whose nvidia-smi says each fleet trainer holds `used_mib` MiB, but only once
     MARKERS/vram-on exists; each such answer is noted in MARKERS/sampled."""
@@ -270,3 +470,53 @@ def test_a_peak_reached_after_the_last_heartbeat_is_sent_with_complete(
                           capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "TRAINFLEET_RECEIVER": receiver.url})
     assert "completed peak 6.3 GiB VRAM (declared 4)" in show.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
+def test_a_slot_that_reached_max_jobs_lends_its_gpu_to_no_sibling(fleet: Fleet) -> None:
+    receiver = fleet.receiver(fleet.manifest([
+        job("first", model="transformer", hyper={"gate": "first"}, require_cuda=True,
+            priority=2),
+        job("wide", model="transformer", hyper={"sleep_s": 0.1}, require_cuda=True, gpus=2,
+            priority=1)]))
+    worker = fleet.worker(receiver.url, "duo", DUO, "--slots", "auto", "--max-jobs", "1")
+    jobs = receiver.jobs_by_name()
+    first = receiver.wait_status(jobs["first"]["job_id"], "running")
+    holder = first["worker_id"]
+    other = wait_for("the sibling slot's first claim", lambda: next(
+        (w["worker_id"] for w in receiver.client.workers() if w["worker_id"] != holder), None))
+    fleet.release("first")
+    receiver.wait_status(first["job_id"], "completed")
+    # The holder's loop has ended (--max-jobs 1); its GPU is no one's to borrow. The sibling
+    # claims on, offering its own GPU only, so "wide" (2 GPUs) is never claimed.
+    for _ in range(3):
+        seen = {w["worker_id"]: w["last_seen"] for w in receiver.client.workers()}[other]
+        wait_for("a claim by the sibling", lambda s=seen: {
+            w["worker_id"]: w["last_seen"] for w in receiver.client.workers()}[other] > s)
+    wide = receiver.job(jobs["wide"]["job_id"])
+    assert wide["status"] in ("pending", "unschedulable") and wide["attempts"] == 0
+    assert worker.stop() == 0
+
+
+def test_slots_that_failed_their_self_test_or_stopped_are_out_of_the_pool(
+    tmp_path: Path,
+) -> None:
+    """Real slots of a SlotGroup (no receiver answers: port 9 of loopback refuses): one
+    cannot run its Python, so its self-test fails; the other passes it, claims once (--once)
+    and stops. Neither is left in the pool for a sibling to borrow."""
+    cap = host("duo", 0, 1)
+    settings = WorkerSettings(receiver_url="http://127.0.0.1:9", workdir=tmp_path,
+                              state_dir=tmp_path / "state", once=True)
+    group = SlotGroup.build(settings, lambda: Client("http://127.0.0.1:9", retries=0), cap,
+                            plan_slots(cap, "auto"))
+    broken, good = group.workers
+    broken.settings = dataclasses.replace(broken.settings,
+                                          python=str(tmp_path / "no-such-python"))
+    pool = good.pool
+    assert pool is not None and pool is broken.pool
+    assert pool.workers == []  # nobody is lendable before its self-test passed
+    assert broken.run() == 1  # self-test failed
+    assert pool.workers == []
+    assert good.run() == 1  # --once against an unreachable receiver
+    assert pool.workers == []

@@ -17,7 +17,7 @@ from trainfleet.errors import DatabaseUnavailable, TrainfleetError
 from trainfleet.migrate import migrate
 from trainfleet.queue import open_queue
 from trainfleet.queue.base import FailureKind, JobQueue, Status
-from trainfleet.queue.postgres import CLAIM, ORDER_CPU, ORDER_CUDA, PostgresQueue
+from trainfleet.queue.postgres import CLAIM, CLAIMS, ORDER_CPU, ORDER_CUDA, PostgresQueue
 from trainfleet.queue.postgres import SCHEMA_VERSION as PG_VERSION
 from trainfleet.queue.sqlite import SCHEMA_VERSION as SQLITE_VERSION
 from trainfleet.queue.sqlite import SqliteQueue
@@ -64,7 +64,8 @@ def test_claim_walks_the_partial_index_without_sorting(pg: PostgresQueue, url: s
                                                        order: str) -> None:
     pg.sync_manifest(make_manifest([job(f"j{i}", seed=i) for i in range(50)]), now=T0)
     params = {"lease": "x", "worker_id": "w", "hostname": "h", "now": T0, "cuda": False,
-              "vram": 0.0, "ram": 8.0, "gpus": 0, "allow": None, "deny": [], "stale_after_s": 600.0}
+              "vram": 0.0, "ram": 8.0, "gpus": 0, "allow": None, "deny": [], "stale_after_s": 600.0,
+              "hosts_md5": None, "free": None}
     with psycopg.connect(url) as conn:
         conn.execute("SET enable_seqscan = off")
         plan = "\n".join(row[0] for row in conn.execute(
@@ -72,6 +73,40 @@ def test_claim_walks_the_partial_index_without_sorting(pg: PostgresQueue, url: s
     index = "jobs_pending_cuda" if order == ORDER_CUDA else "jobs_pending_cpu"
     assert f"Index Scan using {index}" in plan
     assert "Sort" not in plan
+
+
+@pytest.mark.parametrize("order", [ORDER_CPU, ORDER_CUDA])
+def test_claim_as_the_queue_sends_it_runs_a_generic_plan_that_walks_the_index(
+    pg: PostgresQueue, url: str, order: str
+) -> None:
+    """The queue prepares the claim and forces its generic plan (planned once, not on every
+    claim), so that plan must walk the partial index too. auto_explain hands back the plan
+    the server actually ran."""
+    pg.sync_manifest(make_manifest([job(f"j{i}", seed=i) for i in range(50)]), now=T0)
+    params = {"lease": "x", "worker_id": "w", "hostname": "h", "now": T0, "cuda": False,
+              "vram": 0.0, "ram": 8.0, "gpus": 0, "allow": None, "deny": [], "stale_after_s": 600.0,
+              "hosts_md5": pg._host_policies[0], "free": None}
+    plans: list[str] = []
+    with psycopg.connect(url) as conn:
+        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+        for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                        "SET auto_explain.log_level = notice", "SET enable_seqscan = off",
+                        "SET plan_cache_mode = force_generic_plan"):
+            conn.execute(setting)
+        conn.execute(CLAIMS[False, order], params, prepare=True)
+        conn.rollback()
+    plan = next(p for p in plans if "WITH picked AS" in p)
+    index = "jobs_pending_cuda" if order == ORDER_CUDA else "jobs_pending_cpu"
+    assert f"Index Scan using {index}" in plan
+    assert "Sort" not in plan.split("Query Text:")[1].split("\n", 1)[1].replace("ORDER BY", "")
+    assert "IS DISTINCT FROM $" in plan  # generic: the values are parameters, not constants
+
+
+def test_pooled_connections_run_without_jit(pg: PostgresQueue) -> None:
+    """With JIT on, the claim's large cost estimate had every claim compiled first (~1 s)."""
+    with pg._connection() as conn:
+        row = conn.execute("SHOW jit").fetchone()
+    assert row is not None and row["jit"] == "off"
 
 
 def test_calls_without_now_are_timed_by_the_database_clock(pg: PostgresQueue) -> None:
@@ -151,6 +186,28 @@ def test_a_reload_through_one_receiver_is_seen_by_another(url: str) -> None:
     assert two.claim_next("w", cpu("pi"), now=T0 + 2) is None  # pi may not run mlp now
     claim = two.claim_next("w", cpu("other"), now=T0 + 2)
     assert claim is not None and "train2.py" in claim.command
+    one.close()
+    two.close()
+
+
+def test_a_claim_never_goes_by_host_policies_another_receiver_has_replaced(url: str) -> None:
+    """A receiver keeps the host policies it last read; each claim checks they are still
+    the database's, and claims again under the new ones when a reload changed them."""
+    one, two = PostgresQueue(url), PostgresQueue(url)
+    denied = '[hosts.pi]\ndeny_jobs = ["mlp"]\n'
+    one.sync_manifest(make_manifest([job("m", "mlp"), job("g")], denied), now=T0)
+    claim = two.claim_next("w", cpu("pi"), now=T0)  # two reads the policies: pi runs no mlp
+    assert claim is not None and claim.job.name == "g"
+    assert two.claim_next("w", cpu("pi"), now=T0) is None
+    one.sync_manifest(make_manifest([job("m", "mlp"), job("g")],
+                                    '[hosts.pi]\nallow_jobs = ["mlp"]\n'), now=T0 + 1)
+    claim = two.claim_next("w", cpu("pi"), now=T0 + 2)
+    assert claim is not None and claim.job.name == "m"
+    [worker] = [w for w in two.workers(now=T0 + 2) if w.worker_id == "w"]
+    assert worker.policy.allow == {"mlp"} and worker.policy.deny == set()  # the new ones
+    one.sync_manifest(make_manifest([job("m", "mlp"), job("g"), job("m2", "mlp")], denied),
+                      now=T0 + 3)
+    assert two.claim_next("w", cpu("pi"), now=T0 + 4) is None  # denied again
     one.close()
     two.close()
 

@@ -5,6 +5,7 @@ Many processes claiming at once: test_queue_concurrency.py, for every backend.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from trainfleet.queue.sqlite import (
     CLAIM_CANDIDATES,
     CLASS_CANDIDATES,
     CLASSES,
+    HOST_RECENT_ATTEMPTS,
     MAX_CLASSES,
+    MIGRATIONS,
     ORDER_CPU,
     ORDER_CUDA,
     SqliteQueue,
@@ -36,7 +39,7 @@ def test_claim_query_walks_the_partial_index_without_sorting(
     SqliteQueue(tmp_path / "q.db").close()
     db = sqlite3.connect(tmp_path / "q.db")
     params = {"cuda": 0, "vram": 0.0, "ram": 8.0, "hostname": "h", "allow": None, "deny": "[]",
-              "gpus": 0}
+              "gpus": 0, "free": "[24.0,16.0]"}  # a per-GPU offer does not change the plan
     plan = " | ".join(
         row[3] for row in db.execute(
             "EXPLAIN QUERY PLAN " + CLAIM_CANDIDATES.format(index=index, order=order), params
@@ -50,7 +53,7 @@ def test_claim_class_queries_seek_the_class_index_without_sorting(tmp_path: Path
     SqliteQueue(tmp_path / "q.db").close()
     db = sqlite3.connect(tmp_path / "q.db")
     params = {"cuda": 0, "vram": 0.0, "ram": 8.0, "hostname": "h", "allow": None, "deny": "[]",
-              "gpus": 0, "job_class": '["gbt",0,0,"[]"]'}
+              "gpus": 0, "free": "[24.0,16.0]", "job_class": '["gbt",0,0,"[]"]'}
     plan = " | ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + CLASSES))
     assert plan.count("SEARCH jobs USING INDEX jobs_pending_class (<expr>>?)") == 2  # seeks
     assert "TEMP B-TREE" not in plan and "SCAN jobs" not in plan
@@ -122,4 +125,36 @@ def test_prefer_cuda_rank_on_gpu_only(tmp_path: Path) -> None:
     assert claim is not None and claim.job.name == "plain"
     claim = q.claim_next("g", gpu())
     assert claim is not None and claim.job.name == "pref"
+    q.close()
+
+
+def test_a_claim_writes_no_attempts_host_entry_and_an_upgrade_makes_it_so(
+        tmp_path: Path) -> None:
+    """attempts_host holds ended attempts only (one page fewer to fsync per claim); a
+    version 2 database gets the partial index on upgrade; the quarantine still seeks it."""
+    path = tmp_path / "q.db"
+    SqliteQueue(path).close()
+    with sqlite3.connect(path) as db:  # back to version 2: its columns and its index
+        for table, column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", MIGRATIONS[3]):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        db.execute("DROP INDEX attempts_host")
+        db.execute("CREATE INDEX attempts_host ON attempts (hostname, ended_at)")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    q = SqliteQueue(path)
+    q.sync_manifest(make_manifest([job("a")]), now=1000.0)
+    claim = q.claim_next("w", cpu(), now=1001.0)
+    assert claim is not None
+    (entries,) = q._db.execute("SELECT count(*) FROM attempts INDEXED BY attempts_host "
+                               "WHERE ended_at IS NOT NULL").fetchone()
+    assert entries == 0
+    q.complete(claim.job.job_id, claim.lease, "a" * 64, now=1002.0)
+    (entries,) = q._db.execute("SELECT count(*) FROM attempts INDEXED BY attempts_host "
+                               "WHERE ended_at IS NOT NULL").fetchone()
+    assert entries == 1
+    (sql,) = q._db.execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'attempts_host'").fetchone()
+    assert sql.endswith("WHERE ended_at IS NOT NULL")
+    plan = q._db.execute("EXPLAIN QUERY PLAN " + HOST_RECENT_ATTEMPTS,
+                         {"hostname": "cpu-a", "since": 0.0, "k": 3}).fetchall()
+    assert "USING INDEX attempts_host" in plan[0][3]
     q.close()

@@ -4,12 +4,14 @@ one bucket, and a real receiver, worker and `trainfleet pull` on `--store s3://.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -19,6 +21,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.awsrequest import AWSResponse
 
 from tests.conftest import cpu, job, manifest_text
 from tests.fleet import Fleet, stop_process, wait_for
@@ -26,8 +29,8 @@ from tests.live import serving
 from tests.pg import free_port
 from trainfleet.client import Client
 from trainfleet.errors import ArtifactNotFound, BadRequest, DigestMismatch, PayloadTooLarge
-from trainfleet.receiver import ReceiverSettings
-from trainfleet.store.s3 import MIN_PART_BYTES, S3Store
+from trainfleet.receiver import ReceiverSettings, create_app
+from trainfleet.store.s3 import MIN_PART_BYTES, S3Store, StoreUnavailable
 
 MB = 1 << 20
 PART = MIN_PART_BYTES  #: the smallest part S3 (and moto) accepts, so a few MiB make parts
@@ -97,6 +100,37 @@ def bucket(moto_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Bu
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     return Bucket(moto_url)
+
+
+class Conflicts:
+    """S3's answer while another conditional write on a key is in flight: 409
+    ConditionalRequestConflict to the next `times` index writes. moto never sends it, so a
+    botocore before-send hook answers for S3 (and counts the writes); every other call
+    goes to the moto server."""
+
+    BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ConditionalRequestConflict'
+            b"</Code><Message>A conflicting conditional operation is currently in progress"
+            b"</Message></Error>")
+
+    def __init__(self, store: S3Store, times: int) -> None:
+        self.times = times
+        self.writes = 0
+        store._s3.meta.events.register("before-send.s3.PutObject", self.answer)
+
+    def answer(self, request: Any, **_: Any) -> AWSResponse | None:
+        if "/index/" not in request.url:
+            return None
+        self.writes += 1
+        if self.times == 0:
+            return None
+        self.times -= 1
+        body = self.BODY
+
+        class Raw:
+            def stream(self, **_: Any) -> Iterator[bytes]:
+                yield body
+
+        return AWSResponse(request.url, 409, {"Content-Type": "application/xml"}, Raw())
 
 
 def bundle_bytes(size: int) -> tuple[str, bytes]:
@@ -235,6 +269,96 @@ def test_a_receiver_that_raced_past_the_check_does_not_rewrite_the_index(
     assert json.loads(bucket.read(f"fleet/models/index/{artifact_id}.json"))["host"] == "a"
 
 
+def test_an_index_write_in_conflict_is_retried_not_taken_for_published(
+    bucket: Bucket,
+) -> None:
+    store = bucket.store()
+    artifact_id, data = bundle_bytes(1000)
+    conflicts = Conflicts(store, times=2)  # the other write in flight failed: no row yet
+    assert stream(store, data) is True
+    assert conflicts.writes == 3
+    assert bucket.store().entry(artifact_id)["host"] == "cpu-a"
+    assert bucket.multiparts() == [] and not [key for key in bucket.keys() if "/.tmp/" in key]
+
+
+def test_an_index_write_in_conflict_then_lost_answers_with_the_winners_row(
+    bucket: Bucket,
+) -> None:
+    one, two = bucket.store(), bucket.store()
+    artifact_id, data = bundle_bytes(1000)
+    assert stream(one, data, host="a") is True  # the write that was in flight won
+    tmp_key = "fleet/models/.tmp/raced"
+    bucket.s3.put_object(Bucket=bucket.name, Key=tmp_key, Body=data)
+    conflicts = Conflicts(two, times=1)
+    assert two._publish(tmp_key, {**one.entry(artifact_id), "host": "b"}) is False
+    assert conflicts.writes == 2 and two.entry(artifact_id)["host"] == "a"
+
+
+def test_an_index_write_that_stays_in_conflict_is_a_retryable_503(bucket: Bucket) -> None:
+    store = bucket.store()
+    artifact_id, data = bundle_bytes(1000)
+    Conflicts(store, times=1000)
+    with pytest.raises(StoreUnavailable) as raised:
+        stream(store, data)
+    assert raised.value.status == 503 and raised.value.headers["Retry-After"]
+    assert not store.has(artifact_id) and bucket.multiparts() == []
+    assert not [key for key in bucket.keys() if "/index/" in key or "/.tmp/" in key]
+
+
+def test_the_loser_of_a_race_for_another_model_removes_its_copy(bucket: Bucket) -> None:
+    one, two = bucket.store(), bucket.store()
+    artifact_id, data = bundle_bytes(1000)
+    assert stream(one, data, host="a") is True  # as model gbt, mode realistic
+    tmp_key = "fleet/models/.tmp/raced"
+    bucket.s3.put_object(Bucket=bucket.name, Key=tmp_key, Body=data)
+    row = {**one.entry(artifact_id), "model": "other", "host": "b"}
+    assert two._publish(tmp_key, row) is False
+    assert [key for key in bucket.keys() if not key.startswith("fleet/models/.tmp/")] == [
+        f"fleet/models/gbt_realistic/{artifact_id}/bundle.tar.gz",
+        f"fleet/models/index/{artifact_id}.json",
+    ]
+
+
+def test_a_listing_fetches_index_rows_at_once_and_caches_a_bounded_number(
+    bucket: Bucket,
+) -> None:
+    writer, ids = bucket.store(), set()
+    for n in range(5):
+        artifact_id, data = bundle_bytes(1000 + n)
+        assert stream(writer, data) is True
+        ids.add(artifact_id)
+    reader = bucket.store(row_cache=3)
+    # The first four index reads wait for each other: one after another, they never meet.
+    meeting, gets = threading.Barrier(4, timeout=20), []
+
+    def get_object(**_: Any) -> None:
+        gets.append(1)
+        if len(gets) <= 4:
+            meeting.wait()
+
+    reader._s3.meta.events.register("before-call.s3.GetObject", get_object)
+    assert {row["artifact_id"] for row in reader.entries()} == ids
+    assert not meeting.broken and len(gets) == 5
+    assert len(reader._rows) == 3  # bounded: the least recently used rows went
+    assert {row["artifact_id"] for row in reader.entries()} == ids  # read again as needed
+    assert len(reader._rows) == 3
+
+
+def test_an_upload_whose_completion_answer_was_lost_leaves_no_temp_object(
+    bucket: Bucket,
+) -> None:
+    store = bucket.store()
+    artifact_id, data = bundle_bytes(6 * MB)
+    with store.begin_upload(artifact_id, 64 * MB) as up:
+        up.write(data)
+        # S3 completed the multipart upload, but its answer never reached the receiver.
+        bucket.s3.complete_multipart_upload(
+            Bucket=bucket.name, Key=up.tmp_key, UploadId=up.upload_id,
+            MultipartUpload={"Parts": up._parts})
+        assert bucket.keys() == [up.tmp_key]
+    assert bucket.keys() == [] and bucket.multiparts() == []
+
+
 def test_kinds_are_recorded_and_filtered_by_the_reader(bucket: Bucket) -> None:
     store = bucket.store()
     model_id, model = bundle_bytes(1000)
@@ -266,6 +390,19 @@ def test_purge_temp_aborts_only_old_abandoned_multiparts(bucket: Bucket) -> None
     assert len(bucket.multiparts()) == 1
     assert bucket.store().purge_temp(older_than_s=-60) == 1
     assert bucket.multiparts() == []
+
+
+def test_purge_temp_aborts_an_abandoned_copy_at_a_bundle_key_and_only_ours(
+    bucket: Bucket,
+) -> None:
+    store = bucket.store()
+    keys = [f"fleet/models/gbt_realistic/{'ab' * 32}/bundle.tar.gz",  # a copy over 4 GiB
+            "fleet/models/notes.txt", f"elsewhere/gbt_realistic/{'ab' * 32}/bundle.tar.gz"]
+    for key in keys:
+        bucket.s3.create_multipart_upload(Bucket=bucket.name, Key=key)
+    # (moto reports every upload as initiated in 2010, so the default age says nothing here)
+    assert store.purge_temp(older_than_s=-60) == 1
+    assert sorted(upload["Key"] for upload in bucket.multiparts()) == sorted(keys[1:])
 
 
 def test_an_unreachable_bucket_is_refused_at_start(bucket: Bucket) -> None:
@@ -333,3 +470,80 @@ def test_a_worker_that_goes_away_mid_upload_leaves_no_multipart(
             wait_for("the first part", lambda: bucket.multiparts(), 30)
         wait_for("the multipart upload to be aborted", lambda: bucket.multiparts() == [], 30)
         assert bucket.keys() == []
+
+
+async def asgi(app: Any, method: str, target: str, receive: Any,
+               headers: tuple[tuple[bytes, bytes], ...] = ()) -> tuple[int, bytes]:
+    """One request to the ASGI app itself, as uvicorn would make it: (status, body)."""
+    path, _, query = target.partition("?")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": query.encode(), "root_path": "", "headers": list(headers),
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    answer: dict[str, Any] = {"body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        else:
+            answer["body"] += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return answer["status"], answer["body"]
+
+
+def test_a_cancelled_upload_aborts_its_multipart_in_a_thread(
+    bucket: Bucket, tmp_path: Path,
+) -> None:
+    """A request cancelled mid-body (a client gone, a server stopping) must not make the
+    multipart upload's abort, a network call, on the event loop."""
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(manifest_text([job("a")]))
+    app = create_app(ReceiverSettings(manifest_path=manifest, state_dir=tmp_path / "state",
+                                      store=bucket.url, s3_endpoint_url=bucket.endpoint))
+    state = app.state.receiver
+    aborted_in: list[threading.Thread] = []
+    state.store._s3.meta.events.register(
+        "before-call.s3.AbortMultipartUpload",
+        lambda **_: aborted_in.append(threading.current_thread()))
+    artifact_id, data = bundle_bytes(20 * MB)
+
+    async def scenario() -> None:
+        claim_body = json.dumps({"worker_id": "w-1", "capability": cpu().to_dict()}).encode()
+
+        async def claim_receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": claim_body, "more_body": False}
+
+        status, body = await asgi(app, "POST", "/v1/job/claim", claim_receive,
+                                  ((b"content-type", b"application/json"),))
+        assert status == 200, body
+        claim = json.loads(body)
+        sent, never = False, asyncio.Event()
+
+        async def body_then_silence() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": data[:12 * MB], "more_body": True}
+            await never.wait()  # the rest never comes: the request is cancelled meanwhile
+            raise AssertionError("unreachable")
+
+        target = (f"/v1/model/{artifact_id}?job_id={claim['job']['job_id']}"
+                  f"&lease={claim['lease']}")
+        headers = ((b"content-type", b"application/octet-stream"),
+                   (b"content-length", str(len(data)).encode()))
+        upload = asyncio.create_task(asgi(app, "PUT", target, body_then_silence, headers))
+        while not await asyncio.to_thread(bucket.multiparts):  # one 8 MiB part went out
+            assert not upload.done(), upload
+            await asyncio.sleep(0.05)
+        upload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        state.queue.close()
+        state.store.close()
+    assert bucket.multiparts() == [] and bucket.keys() == []
+    assert len(aborted_in) == 1 and aborted_in[0] is not threading.main_thread()

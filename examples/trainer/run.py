@@ -33,13 +33,15 @@ Arguments (the worker fills them from the manifest's placeholders):
   are sharded by index); the held-out rows stay the same.
 - ``--job-id``: recorded in ``metrics.json`` (default: ``TRAINFLEET_JOB_ID``).
 - ``--checkpoint-dir`` (default ``TRAINFLEET_CHECKPOINT_DIR``; empty = none): mlp and
-  transformer write a checkpoint there after every epoch (``mlp.pkl``: the pickled
-  estimator and its epoch; ``transformer.pt``: model and optimizer state_dicts, epoch
-  and the batch-order generator), under a temporary name renamed into place, so the
-  worker never uploads a half-written one.
+  transformer write a checkpoint there after every epoch (``mlp.npz``: plain arrays, the
+  weights and the Adam moments, with the epoch in a JSON string; ``transformer.pt``: model
+  and optimizer state_dicts, epoch and the batch-order generator), under a temporary name
+  renamed into place, so the worker never uploads a half-written one.
 - ``--resume-from`` (default ``TRAINFLEET_RESUME_FROM``; empty = start afresh): such a
   checkpoint, handed to a retried attempt; training goes on from the epoch after it
   (the mlp as a warm start with partial_fit, the transformer with its optimizer state).
+  A checkpoint may come from another host, so it is loaded as data, never unpickled:
+  ``numpy.load(..., allow_pickle=False)`` and ``torch.load(..., weights_only=True)``.
 
 Outputs in ``--out``: ``model.pkl`` (pickled sklearn estimator) or ``model.pt``
 (torch state_dict), and ``metrics.json`` with accuracy, train_seconds, n_train,
@@ -273,18 +275,68 @@ def train_mlp(
         random_state=seed,
     )
     done = 0
-    if checkpoints.resume_from:  # a warm start: the estimator keeps its weights and RNG
-        with open(checkpoints.resume_from, "rb") as fh:
-            saved = pickle.load(fh)
-        model, done = saved["model"], int(saved["epoch"])
-        progress.report(done / epochs, done, f"resumed after epoch {done}/{epochs}")
     classes = np.arange(10)
+    if checkpoints.resume_from:  # a warm start: the weights and the optimizer's state
+        done = load_mlp(model, checkpoints.resume_from, data, classes, epochs)
+        progress.report(done / epochs, done, f"resumed after epoch {done}/{epochs}")
     for epoch in range(done + 1, epochs + 1):
         model.partial_fit(data.x_train, data.y_train, classes=classes)
-        checkpoints.save("mlp.pkl", lambda path, epoch=epoch: path.write_bytes(
-            pickle.dumps({"model": model, "epoch": epoch}, protocol=pickle.HIGHEST_PROTOCOL)))
+        checkpoints.save("mlp.npz", lambda path, epoch=epoch: save_mlp(model, epoch, path))
         progress.report(epoch / epochs, epoch, f"epoch {epoch}/{epochs} loss {model.loss_:.4f}")
     return model
+
+
+# The MLP's state beyond its weights, for an exact resume: the Adam step and moments, and
+# what partial_fit keeps between calls (its shuffling RNG is reseeded from random_state on
+# every call, so there is none to keep).
+MLP_STATE_KEYS = ("t_", "n_iter_", "loss_", "best_loss_", "loss_curve_",
+                  "_no_improvement_count")
+
+
+def save_mlp(model: Any, epoch: int, path: Path) -> None:
+    """Plain arrays and a JSON string, nothing pickled: loadable as data on any host."""
+    opt = model._optimizer
+    state = {key: getattr(model, key) for key in MLP_STATE_KEYS}
+    arrays = {f"coef_{i}": a for i, a in enumerate(model.coefs_)}
+    arrays |= {f"intercept_{i}": a for i, a in enumerate(model.intercepts_)}
+    arrays |= {f"adam_m_{i}": a for i, a in enumerate(opt.ms)}
+    arrays |= {f"adam_v_{i}": a for i, a in enumerate(opt.vs)}
+    meta = {"epoch": epoch, "adam_t": opt.t, "state": state}
+    with open(path, "wb") as fh:  # a file object: savez adds no ".npz" to the temp name
+        np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def load_mlp(model: Any, path: str, data: Data, classes: np.ndarray, epochs: int) -> int:
+    """Rebuild the estimator from an mlp.npz: one partial_fit on one batch makes its
+    structure (layers, label binarizer, optimizer), then every array is set from the file,
+    checked against the shape and dtype it must have. The epoch it was saved after."""
+    model.partial_fit(data.x_train[:200], data.y_train[:200], classes=classes)
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+            epoch, adam_t = int(meta["epoch"]), int(meta["adam_t"])
+            opt = model._optimizer
+            model.coefs_ = _same_arrays(saved, "coef", model.coefs_)
+            model.intercepts_ = _same_arrays(saved, "intercept", model.intercepts_)
+            opt.ms = _same_arrays(saved, "adam_m", opt.ms)
+            opt.vs = _same_arrays(saved, "adam_v", opt.vs)
+        opt.t = adam_t
+        for key in MLP_STATE_KEYS:
+            setattr(model, key, meta["state"][key])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--resume-from: {path} is not an mlp checkpoint: {exc}") from exc
+    if not 0 <= epoch <= epochs:
+        raise UsageError(f"--resume-from: {path} was saved after epoch {epoch} of {epochs}")
+    return epoch
+
+
+def _same_arrays(saved: Any, prefix: str, like: list[np.ndarray]) -> list[np.ndarray]:
+    arrays = [saved[f"{prefix}_{i}"] for i in range(len(like))]
+    for i, (got, want) in enumerate(zip(arrays, like, strict=True)):
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ValueError(f"{prefix}_{i}: {got.dtype}{got.shape}, expected "
+                             f"{want.dtype}{want.shape}")
+    return arrays
 
 
 def save_sklearn(model: Any, out: Path) -> None:
@@ -386,7 +438,9 @@ def run_transformer(
     if checkpoints.resume_from:
         # On the CPU first: the generator's state must stay there; load_state_dict moves the
         # model's and the optimizer's tensors to their device.
-        saved = torch.load(checkpoints.resume_from, map_location="cpu")
+        # weights_only: tensors and plain containers only; a checkpoint from another host
+        # must never run code here (no arbitrary unpickling).
+        saved = torch.load(checkpoints.resume_from, map_location="cpu", weights_only=True)
         net.load_state_dict(saved["net"])
         opt.load_state_dict(saved["opt"])
         gen.set_state(saved["gen"])

@@ -3,8 +3,10 @@ in the background while the trainer runs, and a resumed attempt's unpacked.
 
 The trainer's side of the contract: each checkpoint is one entry (a file or a directory) in
 `{checkpoint_dir}`, written under a temporary name (starting with "." or ending in ".tmp")
-and renamed into place once whole. An entry changed within the last SETTLE_S is passed over
-while the trainer runs, for trainers that write in place. Standard library only.
+and renamed into place once whole. An entry changed within the last SETTLE_S is passed over,
+while the trainer runs and also within SETTLE_S of its end (a trainer killed mid in-place
+write leaves a torn file that every retry would resume from), and an entry that changes while
+it is packed is dropped. Standard library only.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ log = logging.getLogger("trainfleet.worker")
 
 SETTLE_S = 1.0  #: an entry changed more recently than this may still be being written
 TEMP_SUFFIXES = (".tmp", ".partial")
+
+
+class Changed(OSError):
+    """The entry changed while it was packed: the bundle may mix old and new bytes."""
+
+
+class Abandoned(Exception):
+    """The attempt no longer needs this upload (raised inside it to stop it early)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +93,11 @@ def _fingerprint(path: Path) -> Found:
 
 def pack(found: Found, work_dir: Path) -> bundle.Bundle:
     """Bundle the entry as `<name>` at the bundle's top, via hard links where the filesystem
-    allows (no copy of a large checkpoint), into `work_dir/checkpoint.bundle`."""
+    allows (no copy of a large checkpoint), into `work_dir/checkpoint.bundle`.
+
+    A hard link shares the trainer's file, so a rewrite in place that starts after `newest`
+    would leak into the bundle: every file is fingerprinted again once packed, and Changed is
+    raised (the bundle removed) when anything differs from `found`."""
     stage = work_dir / "stage"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -93,9 +107,17 @@ def pack(found: Found, work_dir: Path) -> bundle.Bundle:
             shutil.copytree(found.path, target, copy_function=_link_or_copy)
         else:
             _link_or_copy(str(found.path), str(target))
-        return bundle.create(stage, work_dir / "checkpoint.bundle")
+        made = bundle.create(stage, work_dir / "checkpoint.bundle")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    try:
+        same = _fingerprint(found.path).fingerprint == found.fingerprint
+    except OSError:
+        same = False
+    if not same:
+        made.path.unlink(missing_ok=True)
+        raise Changed(f"{found.path.name} changed while it was packed")
+    return made
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -117,8 +139,9 @@ class Uploader:
     """Uploads one attempt's newest checkpoint, at most one upload at a time.
 
     `due`/`start` run it on a background thread, so a large checkpoint never delays a
-    heartbeat; `final` waits for that and uploads once more in the foreground. A failure is
-    logged and never fails the job: the previous checkpoint stays the job's.
+    heartbeat; `final` waits for that and uploads once more (the worker runs it on a thread
+    and heartbeats meanwhile); `abandon` ends an upload whose result is no longer needed.
+    A failure is logged and never fails the job: the previous checkpoint stays the job's.
     """
 
     def __init__(
@@ -135,6 +158,7 @@ class Uploader:
         self._fingerprint: tuple[tuple[str, int, int], ...] | None = None
         self._next = time.monotonic() + interval_s
         self._thread: threading.Thread | None = None
+        self._abandoned = threading.Event()
 
     def due(self, now: float) -> bool:
         """Whether a periodic upload should start now (none running, the interval passed)."""
@@ -149,23 +173,26 @@ class Uploader:
                                         name=f"checkpoint-{self.job_id[:12]}", daemon=True)
         self._thread.start()
 
-    def final(self) -> None:
-        """The trainer has stopped: wait for a running upload, then upload its last checkpoint
-        (none settles any more, so every finished entry counts)."""
+    def final(self, stopped_at: float | None = None) -> None:
+        """The trainer stopped (at `stopped_at`, time.time()): wait for a running upload, then
+        upload its last checkpoint. An entry changed within SETTLE_S of the stop may be torn
+        (killed mid-write in place): the newest entry settled by then is taken instead."""
         if self._thread is not None:
             self._thread.join()
-        if self.interval_s > 0:
-            self.upload_newest(settle_s=0.0)
+        if self.interval_s > 0 and not self._abandoned.is_set():
+            self.upload_newest(SETTLE_S, now=stopped_at)
 
-    def wait(self) -> None:
-        """Let a running upload finish (the attempt is over; nothing new is sent)."""
-        if self._thread is not None:
-            self._thread.join()
+    def abandon(self) -> None:
+        """The attempt no longer needs an upload (it completed, or lost its lease): a running
+        one stops at its next chunk and records nothing. Never waits. (The receiver fences
+        a checkpoint recorded after the attempt ended in any case.)"""
+        self._abandoned.set()
 
-    def upload_newest(self, settle_s: float) -> str | None:
-        """Pack, upload and record the newest checkpoint if it changed; its artifact id."""
-        found = newest(self.checkpoint_dir, settle_s)
-        if found is None or found.fingerprint == self._fingerprint:
+    def upload_newest(self, settle_s: float, now: float | None = None) -> str | None:
+        """Pack, upload and record the newest checkpoint settled at `now` if it changed; its
+        artifact id."""
+        found = newest(self.checkpoint_dir, settle_s, now)
+        if found is None or found.fingerprint == self._fingerprint or self._abandoned.is_set():
             return None
         short = self.job_id[:12]
         try:
@@ -175,6 +202,9 @@ class Uploader:
                     self._send(made)
             finally:
                 made.path.unlink(missing_ok=True)
+        except Abandoned:
+            log.info("job %s: checkpoint upload abandoned: the attempt is over", short)
+            return None
         except (OSError, ValueError, TrainfleetError) as exc:
             log.warning("job %s: checkpoint %s not uploaded (training goes on): %s",
                         short, found.path.name, exc)
@@ -185,9 +215,16 @@ class Uploader:
     def _send(self, made: bundle.Bundle) -> None:
         if not self.client.has_artifact(made.artifact_id):
             self.client.upload(made.artifact_id, made.path, self.job_id, self.lease,
-                               attempt=self.attempt, kind="checkpoint")
+                               progress=self._check_abandoned, attempt=self.attempt,
+                               kind="checkpoint")
+        self._check_abandoned()
         self.client.checkpoint(self.job_id, self.lease, made.artifact_id, attempt=self.attempt,
                                progress=self.progress())
         self.uploaded = made.artifact_id
         log.info("job %s: checkpoint of %d bytes uploaded as %s", self.job_id[:12], made.size,
                  made.artifact_id[:12])
+
+    def _check_abandoned(self, sent: int = 0, total: int = 0) -> None:
+        """Raise Abandoned once `abandon` was called (also the upload's per-chunk progress)."""
+        if self._abandoned.is_set():
+            raise Abandoned

@@ -124,10 +124,14 @@ class Client:
         deny_jobs: list[str] | tuple[str, ...] = (),
         free_vram_gib: float | None = None,
         gpus_free: int | None = None,
+        free_vram_per_gpu: list[float] | None = None,
+        host_gpus: int | None = None,
     ) -> dict[str, Any] | None:
         """Claim the best eligible job: its claim answer (job, lease, attempt, command), or None.
 
-        `gpus_free`: how many GPUs of this host the slot can give one job now."""
+        `free_vram_per_gpu`: the free memory of each GPU of this host the slot can give one
+        job now (`gpus_free` and `free_vram_gib`: the older, single-figure offer);
+        `host_gpus`: the host's GPU count. Fields left None are not sent."""
         body = {
             "worker_id": worker_id,
             "capability": capability,
@@ -135,6 +139,8 @@ class Client:
             "slot_vram_gib": slot_vram_gib,
             "free_vram_gib": free_vram_gib,
             **({} if gpus_free is None else {"gpus_free": gpus_free}),
+            **({} if free_vram_per_gpu is None else {"free_vram_per_gpu": free_vram_per_gpu}),
+            **({} if host_gpus is None else {"host_gpus": host_gpus}),
             "allow_jobs": None if allow_jobs is None else list(allow_jobs),
             "deny_jobs": list(deny_jobs),
         }

@@ -6,6 +6,7 @@ each queue backend's claim query must agree with `explain`. Standard library onl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -81,15 +82,17 @@ def merge_policy(
 class Slot:
     """One place a job can run: a host's capability, the slot's own VRAM and its policy.
 
-    `gpus_free` is how many GPUs of its host the slot can hand one job: at claim time, itself
-    and its idle sibling GPU slots with at least its free VRAM; in the registry, the host's
-    GPU count. None means one for a CUDA slot, none for a CPU one."""
+    `gpus_free` is how many GPUs of its host the slot can hand one job, each with `vram_gib`:
+    in the registry, the host's GPU count (None means one for a CUDA slot, none for a CPU
+    one). At claim time `free_vram` (see `offered`) says instead what each GPU the slot can
+    give now has free, best first, so a job on N GPUs is held to the N-th best."""
 
     capability: Capability
     vram_gib: float
     policy: Policy = Policy()
     quarantine: str | None = None  #: "host quarantined until T: reason" while it is
     gpus_free: int | None = None
+    free_vram: tuple[float, ...] | None = None  #: per GPU offered, best first (a claim's)
 
     @property
     def cuda(self) -> bool:
@@ -102,9 +105,39 @@ class Slot:
     @property
     def gpus(self) -> int:
         """The GPUs this slot can offer one job (gpus_free, or its default)."""
+        if self.free_vram is not None:
+            return len(self.free_vram)
         if self.gpus_free is not None:
             return self.gpus_free
         return 1 if self.cuda else 0
+
+    @property
+    def best_vram(self) -> float:
+        """What a job on at most one GPU is held to: the best GPU offered, else `vram_gib`."""
+        return self.free_vram[0] if self.free_vram else self.vram_gib
+
+    def room(self, gpus: int) -> float:
+        """The VRAM each of `gpus` GPUs this slot offers has at least (the gpus-th best);
+        the best GPU's for gpus <= 1 or more than it offers (the count rule fails those)."""
+        if self.free_vram and 2 <= gpus <= len(self.free_vram):
+            return self.free_vram[gpus - 1]
+        return self.best_vram
+
+
+def offered(
+    slot: Slot,
+    free_vram_gib: float | None = None,
+    free_vram_per_gpu: Sequence[float] | None = None,
+) -> Slot:
+    """The slot as a claim offers it. `free_vram_per_gpu`: each GPU it can give now, by its
+    free memory. Without it (older workers) `gpus_free` GPUs each with `free_vram_gib`
+    (capped at the slot's total), which is the same offer as that list."""
+    if free_vram_per_gpu is not None:
+        offer = tuple(sorted((float(v) for v in free_vram_per_gpu), reverse=True))
+        return dataclasses.replace(slot, free_vram=offer, gpus_free=len(offer))
+    if free_vram_gib is None:
+        return slot
+    return dataclasses.replace(slot, vram_gib=min(slot.vram_gib, free_vram_gib))
 
 
 def hard_reasons(job: Needs, slot: Slot) -> list[str]:
@@ -128,9 +161,14 @@ def hard_reasons(job: Needs, slot: Slot) -> list[str]:
     if job.gpus > slot.gpus and cap.cuda:  # a CPU slot already failed the CUDA rule
         reasons.append(f"needs {job.gpus} GPUs on one host, this slot can offer {slot.gpus}")
     vram, ram = job.effective_vram_gib, job.effective_ram_gib
-    if vram > slot.vram_gib:
+    room = slot.room(job.gpus)
+    if vram > room and slot.free_vram and 2 <= job.gpus <= slot.gpus:
+        able = sum(1 for free in slot.free_vram if free >= vram)
+        reasons.append(f"needs {job.gpus} GPUs with {vram:g} GiB free each"
+                       f"{_raised(vram, job.min_vram_gib)}; this slot can offer {able}")
+    elif vram > room:
         reasons.append(f"needs {vram:g} GiB VRAM{_raised(vram, job.min_vram_gib)}; "
-                       f"the slot has {slot.vram_gib:g} GiB")
+                       f"the slot has {room:g} GiB")
     if ram > cap.ram_gib:
         reasons.append(f"needs {ram:g} GiB RAM{_raised(ram, job.min_ram_gib)}; "
                        f"{cap.hostname} has {cap.ram_gib:g} GiB")
@@ -208,12 +246,43 @@ def unschedulable_reason(job: Needs, seen: Sequence[Slot]) -> str | None:
     return f"no worker seen in the fleet can run it ({hosts})"
 
 
+class Named(JobLike, Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+def reservation_reason(job: JobLike, slot: Slot, pending: Sequence[Named]) -> str | None:
+    """Why a registry slot's host holds the job back (held_for): a pending job that ranks
+    above it needs more GPUs and the host could run it with all its GPUs free. While the
+    host is partly busy its claims take nothing else; once it is idle that job goes first.
+    `pending` may hold any jobs; those that cannot hold this one are skipped."""
+    if not slot.cuda or slot.gpus < 2:
+        return None
+    mine = rank_key(job, True)
+    wider = [w for w in pending if w.gpus > max(job.gpus, 1) and rank_key(w, True) < mine]
+    for wide in sorted(wider, key=lambda j: rank_key(j, True)):
+        if not hard_reasons(wide, slot):
+            return (f"held back for {wide.name!r} (ranked higher, needs {wide.gpus} GPUs): "
+                    f"{slot.hostname} drains until it fits")
+    return None
+
+
 def explain_fleet(
-    job: JobLike, slots: Mapping[str, Slot], waited_s: float = 0.0
+    job: JobLike, slots: Mapping[str, Slot], waited_s: float = 0.0,
+    pending: Sequence[Named] = (),
 ) -> dict[str, list[str]]:
-    """For each live worker (by id), every reason it may not take the job now."""
+    """For each live worker (by id), every reason it may not take the job now; with the
+    `pending` jobs, also the reservation rule's (reservation_reason)."""
     live = list(slots.values())
-    return {worker_id: explain(job, slot, live, waited_s) for worker_id, slot in slots.items()}
+    reasons = {worker_id: explain(job, slot, live, waited_s)
+               for worker_id, slot in slots.items()}
+    mine = rank_key(job, True)
+    wider = [w for w in pending if w.gpus > max(job.gpus, 1) and rank_key(w, True) < mine]
+    for worker_id, slot in slots.items() if wider else ():
+        held = reservation_reason(job, slot, wider)
+        if held:
+            reasons[worker_id].append(held)
+    return reasons
 
 
 def is_eligible(
@@ -226,3 +295,24 @@ def rank_key(job: JobLike, cuda_slot: bool) -> tuple[int, int, int]:
     """Sort key, best first: priority, then prefer_cuda on CUDA slots, then manifest order."""
     prefer = int(job.prefer_cuda) if cuda_slot else 0
     return (-job.priority, -prefer, job.manifest_index)
+
+
+def reserves(slot: Slot, host_gpus: int | None) -> bool:
+    """Whether a claim by this slot checks the reservation rule (`held_for`): only when its
+    offer is narrower than its host, so CPU slots and single-GPU hosts never pay for it."""
+    return slot.cuda and host_gpus is not None and host_gpus > slot.gpus
+
+
+def whole_host(slot: Slot, host_gpus: int) -> Slot:
+    """The slot with every GPU of its host free, each with the slot's total VRAM."""
+    return dataclasses.replace(slot, free_vram=None, gpus_free=host_gpus)
+
+
+def held_for(best: JobLike | None, wide: JobLike | None, slot: Slot) -> bool:
+    """The reservation rule: a claim whose offer is narrower than its host takes nothing when
+    `wide`, the best job the host could run with all its GPUs free, ranks above `best`, the
+    best job the offer fits, and needs more GPUs than offered. The host then drains until
+    the wide job fits: strict rank order, no backfill."""
+    if wide is None or wide.gpus <= slot.gpus:
+        return False
+    return best is None or rank_key(wide, slot.cuda) < rank_key(best, slot.cuda)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from trainfleet import bundle, capability, checkpoint, trainer_process
 from trainfleet.capability import Capability, Gpu, detect, self_test
@@ -35,6 +35,7 @@ from trainfleet.errors import LeaseLost, ReceiverError, ReceiverUnreachable, Tra
 from trainfleet.failures import Diagnosis, diagnose
 
 log = logging.getLogger("trainfleet.worker")
+_T = TypeVar("_T")
 
 CHILD_POLL_S = 0.2
 #: How often the trainer's GPU memory is sampled (nvidia-smi costs ~50 ms, so never below 2 s);
@@ -161,14 +162,32 @@ class Worker:
         self.pool: GpuPool | None = None  #: set when this is a GPU slot of a SlotGroup
         self._gpus = 1  #: how many GPUs the running attempt holds (its peak is per GPU)
         self._devices: str | None = None  #: the running attempt's CUDA_VISIBLE_DEVICES
+        self._last_job = False  #: the job being claimed is this slot's last (--once, max)
         client.stop_event = self._wake
 
     def run(self) -> int:
-        """Claim and run jobs until asked to stop, or `once` / `max_jobs` says; the exit code."""
-        if not self._ready():
-            return 1
+        """Claim and run jobs until asked to stop, or `once` / `max_jobs` says; the exit code.
+
+        A GPU slot is in its pool only between a passed self-test and the end of this loop:
+        a slot that cannot train, or has stopped, must never lend its GPU to a sibling."""
+        try:
+            if not self._ready():
+                return 1
+            if self.pool is not None:
+                self.pool.join(self)
+                # Claim once every sibling is self-tested: the widest offer from the start.
+                while not self.pool.checked.wait(CHILD_POLL_S) and not self._wake.is_set():
+                    pass
+            return self._loop()
+        finally:
+            if self.pool is not None:
+                self.pool.leave(self)
+
+    def _loop(self) -> int:
         done = 0
         while not self._stopping:
+            max_jobs = self.settings.max_jobs
+            self._last_job = self.settings.once or (max_jobs is not None and done + 1 >= max_jobs)
             try:
                 ran = self.run_once()
             except ReceiverUnreachable as exc:
@@ -180,7 +199,6 @@ class Worker:
                 log.error("the receiver refused this worker: %s", exc)
                 return 1
             done += ran
-            max_jobs = self.settings.max_jobs
             if self.settings.once or (max_jobs is not None and done >= max_jobs):
                 break
             if not ran:
@@ -196,19 +214,29 @@ class Worker:
         cap = self._capability()
         if self.pool is not None:
             return self.pool.claim_and_run(self)
+        # One slot using the whole host: it offers every GPU, each with its free memory now,
+        # and the job gets those with the most (CUDA_VISIBLE_DEVICES names only them).
         known = _known_free([cap])
-        free = self._free_vram_gib(cap, known)
-        # One slot using the whole host: its GPUs with at least the free memory it claims by.
-        gpus = sum(1 for gpu in cap.gpus if _free_of(gpu, known) >= (free or 0.0)) \
-            if cap.cuda else 0
-        claim = self._claim(cap, free, gpus)
+        free = {gpu: _free_of(gpu, known) for gpu in cap.gpus} if cap.cuda else {}
+        claim = self._claim(cap, list(free.values()) if cap.cuda else None)
         if claim is None:
             return False
-        self._run_job(claim)
+        if free:
+            inherited = self.settings.visible_devices
+            if inherited is None:
+                inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+            tokens = None if inherited is None else [t.strip() for t in inherited.split(",")]
+            taken = _take(free, claim)
+            self._gpus = len(taken)
+            self._devices = ",".join(_device(gpu.index, tokens) for gpu in taken)
+        try:
+            self._run_job(claim)
+        finally:
+            self._gpus, self._devices = 1, None
         return True
 
-    def _claim(self, cap: Capability, free: float | None, gpus_free: int
-               ) -> dict[str, Any] | None:
+    def _claim(self, cap: Capability, free_vram_per_gpu: list[float] | None,
+               host_gpus: int | None = None) -> dict[str, Any] | None:
         allow = self.settings.allow_jobs
         return self.client.claim(
             self.worker_id,
@@ -217,17 +245,9 @@ class Worker:
             slot_vram_gib=cap.max_vram_gib,
             allow_jobs=None if allow is None else list(allow),
             deny_jobs=list(self.settings.deny_jobs),
-            free_vram_gib=free,
-            gpus_free=gpus_free,
+            free_vram_per_gpu=free_vram_per_gpu,
+            host_gpus=host_gpus,
         )
-
-    def _free_vram_gib(self, cap: Capability, known: dict[int, float] | None = None
-                       ) -> float | None:
-        """The most free memory of this slot's GPUs now: read from nvidia-smi, or given by the
-        capability file; None when unknown (the claim then goes by the total)."""
-        known = _known_free([cap]) if known is None else known
-        free = [known[gpu.index] for gpu in cap.gpus if gpu.index in known]
-        return max(free) if free else None
 
     def request_stop(self) -> None:
         """Ask the loop to stop: no new claims, and a running trainer is terminated."""
@@ -273,6 +293,15 @@ class Worker:
     # --- one job ------------------------------------------------------------
 
     def _run_job(self, claim: dict[str, Any]) -> None:
+        """See one claimed attempt through; a GPU slot's last job takes it out of its pool
+        as it ends, while still marked busy, so no sibling borrows the GPU in between."""
+        try:
+            self._run_attempt(claim)
+        finally:
+            if self._last_job and self.pool is not None:
+                self.pool.leave(self)
+
+    def _run_attempt(self, claim: dict[str, Any]) -> None:
         """See one claimed attempt from spawn to report; each outcome ends in one call."""
         job = claim["job"]
         att = _Attempt(
@@ -306,12 +335,14 @@ class Worker:
         uploads = self._checkpoints(att, float(job.get("checkpoint_interval_s") or 0))
         outcome = self._supervise(child, att, timeout_s, interval_s, uploads)
         elapsed_s = time.monotonic() - started
+        stopped_at = time.time()
         trainer_process.signal_group(child, kill=True)  # leftovers of a finished trainer
         trainer_process.finished(self.state_dir)
         if outcome in _HANDED_BACK or (outcome is _Outcome.EXITED and child.returncode != 0):
-            uploads.final()  # the lease is still ours: keep the trainer's last checkpoint
+            # The lease is still ours: keep the trainer's last checkpoint.
+            self._beating_while(att, interval_s, lambda: uploads.final(stopped_at), uploads)
         else:
-            uploads.wait()
+            uploads.abandon()  # completed, cancelled or fenced: a checkpoint is of no use
 
         if outcome is _Outcome.EXITED and child.returncode == 0:
             log.info("job %s: trainer finished in %.0f s", att.short, elapsed_s)
@@ -431,6 +462,22 @@ class Worker:
                 return outcome
             self._wake.wait(CHILD_POLL_S)
         return _Outcome.EXITED
+
+    def _beating_while(self, att: _Attempt, interval_s: float, work: Callable[[], None],
+                       uploads: checkpoint.Uploader) -> None:
+        """Run `work` (the last checkpoint upload) on a thread and heartbeat meanwhile, so a
+        large checkpoint on a slow link does not outlast the stale timeout; when a heartbeat
+        says the lease is lost or the job cancelled, abandon it and go on."""
+        thread = threading.Thread(target=work, name=f"checkpoint-final-{att.short}",
+                                  daemon=True)
+        thread.start()
+        while True:
+            thread.join(interval_s)
+            if not thread.is_alive():
+                return
+            if self._beat(att) is not None:
+                uploads.abandon()
+                return
 
     def _sample_vram(self, child: subprocess.Popen[bytes]) -> None:
         """Keep the most GPU memory the trainer and its helpers have held (nvidia-smi)."""
@@ -706,51 +753,89 @@ def _free_of(gpu: Gpu, known: dict[int, float]) -> float:
     return known.get(gpu.index, gpu.vram_gib)
 
 
+def _take(free: dict[_T, float], claim: dict[str, Any], first: _T | None = None) -> list[_T]:
+    """The GPUs (or GPU slots) a claimed job runs on, of those offered with their free memory:
+    max(gpus, 1) of them with the most free. `first`, the claiming slot, leads when it has
+    the memory the job needs, so a one-GPU job does not idle its own slot's GPU."""
+    job = claim["job"]
+    need = float(job.get("effective_vram_gib") or 0.0)
+    ranked = sorted(free, key=lambda k: -free[k])
+    if first is not None and free.get(first, -1.0) >= need:
+        ranked = [first, *(k for k in ranked if k != first)]
+    return ranked[:max(1, int(job.get("gpus") or 0))]
+
+
 class GpuPool:
     """The GPU slots of one daemon, so a job may take several GPUs of the host at once.
 
-    Claims go one at a time under the lock. A slot offers the receiver `gpus_free`: itself
-    plus its idle siblings with at least its own free memory, so a job on N of them fits each
-    (the slot with the least free memory makes the host's widest offer). A job with gpus = N
-    borrows N-1 of those siblings, which claim nothing until it ends."""
+    Claims go one at a time under the lock. A slot offers the receiver the free memory of
+    each GPU it can give now, its own and its idle siblings' (no sibling above its own), and
+    the pool's size as the host's GPU count (for the receiver's reservation rule). A job with
+    gpus = N runs on the slot's GPU and the N-1 siblings with the most free memory (_take),
+    which claim nothing until it ends."""
 
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, slots: list[Worker]) -> None:
         self.lock = threading.Lock()
-        self.workers = workers
+        #: the slots whose loop runs (self-test passed, run() not returned): only these claim
+        #: or are lent; see join/leave
+        self.workers: list[Worker] = []
         self._busy: set[int] = set()  #: slots running a job or lent to one, by id()
+        self._unchecked = {id(w) for w in slots}  #: slots not yet through their self-test
+        self.checked = threading.Event()  #: set once every slot has joined or left
+        self._note_checked(None)
+
+    def join(self, worker: Worker) -> None:
+        """A slot passed its self-test and starts claiming: it may be offered and lent."""
+        with self.lock:
+            if worker not in self.workers:
+                self.workers.append(worker)
+            self._note_checked(worker)
+
+    def leave(self, worker: Worker) -> None:
+        """A slot's loop ended (stop, --once/--max-jobs, refused) or its self-test failed:
+        lend its GPU no more. If a sibling's job holds it now, that job keeps it to its end."""
+        with self.lock:
+            if worker in self.workers:
+                self.workers.remove(worker)
+            self._note_checked(worker)
+
+    def _note_checked(self, worker: Worker | None) -> None:
+        if worker is not None:
+            self._unchecked.discard(id(worker))
+        if not self._unchecked:
+            self.checked.set()
 
     def claim_and_run(self, me: Worker) -> bool:
         """Claim for `me` with the GPUs the host can give now; run the job; True if one ran."""
         with self.lock:
             if id(me) in self._busy:
                 return False  # lent to a sibling's job
-            caps = [w._capability() for w in self.workers]
+            idle = [me, *(w for w in self.workers if w is not me and id(w) not in self._busy)]
+            caps = [w._capability() for w in idle]
             known = _known_free(caps)
-            free = {id(w): max((_free_of(g, known) for g in cap.gpus), default=0.0)
-                    for w, cap in zip(self.workers, caps, strict=True)}
-            mine = me._free_vram_gib(me._capability(), known)
-            idle = sorted((w for w in self.workers
-                           if w is not me and id(w) not in self._busy
-                           and free[id(w)] >= free[id(me)]),
-                          key=lambda w: -free[id(w)])
-            claim = me._claim(me._capability(), mine, 1 + len(idle))
+            free = {w: max((_free_of(g, known) for g in cap.gpus), default=0.0)
+                    for w, cap in zip(idle, caps, strict=True)}
+            # The claiming slot's own GPU is always one of the job's, so a sibling is offered
+            # with no more than the slot's own free memory: the N-th best figure then holds
+            # for the slot and N-1 siblings (a sibling with more free makes its own offer).
+            offer = [min(f, free[me]) for f in free.values()]
+            claim = me._claim(me._capability(), offer, max(len(self.workers), 1))
             if claim is None:
                 return False
-            gpus = max(1, int(claim["job"].get("gpus") or 1))
-            lent = idle[:gpus - 1]
-            held = [me, *lent]
-            self._busy.update(id(w) for w in held)
+            held = _take(free, claim, me)
+            occupied = [me, *(w for w in held if w is not me)]  # `me` even if not in `held`
+            self._busy.update(id(w) for w in occupied)
         me._gpus = len(held)
         me._devices = ",".join(w.settings.visible_devices or "" for w in held)
-        if lent:
-            log.info("job %s takes %d GPUs: CUDA_VISIBLE_DEVICES=%s",
+        if held != [me]:
+            log.info("job %s takes %d GPU(s): CUDA_VISIBLE_DEVICES=%s",
                      str(claim["job"]["job_id"])[:12], len(held), me._devices)
         try:
             me._run_job(claim)
         finally:
             me._gpus, me._devices = 1, None
             with self.lock:
-                self._busy.difference_update(id(w) for w in held)
+                self._busy.difference_update(id(w) for w in occupied)
         return True
 
 
@@ -777,7 +862,7 @@ class SlotGroup:
             for number, spec in enumerate(plan)
         ]
         gpu_slots = [w for w, spec in zip(workers, plan, strict=True) if spec.gpu is not None]
-        pool = GpuPool(gpu_slots)
+        pool = GpuPool(gpu_slots)  # each slot joins once its self-test passed
         for worker in gpu_slots:
             worker.pool = pool
         return cls(workers)

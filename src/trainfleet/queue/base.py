@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Protocol
@@ -388,6 +388,8 @@ class JobQueue(Protocol):
         *,
         free_vram_gib: float | None = None,
         gpus_free: int | None = None,
+        free_vram_per_gpu: Sequence[float] | None = None,
+        host_gpus: int | None = None,
     ) -> Claim | None: ...
     def heartbeat(
         self,

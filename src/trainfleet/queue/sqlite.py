@@ -6,14 +6,13 @@ serialise on the write lock instead of failing with "database is locked".
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import json
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -83,6 +82,8 @@ CREATE INDEX IF NOT EXISTS jobs_pending_class
     ON jobs (json_array(model, require_cuda, prefer_cuda, allowed_hosts), priority DESC,
              manifest_index)
     WHERE status = 'pending' AND orphaned = 0;
+DROP INDEX IF EXISTS attempts_host;
+CREATE INDEX attempts_host ON attempts (hostname, ended_at) WHERE ended_at IS NOT NULL;
 """,
 }
 HEX = set("0123456789abcdef")
@@ -96,6 +97,8 @@ WHERE status = 'pending' AND orphaned = 0
   AND (require_cuda = 0 OR :cuda = 1)
   AND gpus <= :gpus
   AND max(min_vram_gib, raised_vram_gib) <= :vram
+  AND (gpus <= 1 OR :free IS NULL
+       OR max(min_vram_gib, raised_vram_gib) <= json_extract(:free, '$[' || (gpus - 1) || ']'))
   AND max(min_ram_gib, raised_ram_gib) <= :ram
   AND (allowed_hosts = '[]'
        OR EXISTS (SELECT 1 FROM json_each(jobs.allowed_hosts) WHERE value = :hostname))
@@ -353,8 +356,9 @@ def _slot_params(slot: matching.Slot) -> dict[str, Any]:
     """A slot as the parameters of the claim's hard constraints."""
     allow = slot.policy.allow
     return {
-        "cuda": int(slot.cuda), "vram": slot.vram_gib, "ram": slot.capability.ram_gib,
+        "cuda": int(slot.cuda), "vram": slot.best_vram, "ram": slot.capability.ram_gib,
         "hostname": slot.hostname, "gpus": slot.gpus,
+        "free": None if slot.free_vram is None else _dumps(list(slot.free_vram)),
         "allow": None if allow is None else _dumps(sorted(allow)),
         "deny": _dumps(sorted(slot.policy.deny)),
     }
@@ -687,15 +691,20 @@ class SqliteQueue:
         *,
         free_vram_gib: float | None = None,
         gpus_free: int | None = None,
+        free_vram_per_gpu: Sequence[float] | None = None,
+        host_gpus: int | None = None,
     ) -> Claim | None:
         """Atomically hand the best eligible pending job to this slot, or None.
 
-        With `free_vram_gib`, the job must fit the slot's memory free now; the registry keeps
-        the slot's total, which is what the fleet's other rules go by. `gpus_free` is how many
-        GPUs of its host the slot can hand one job now (matching.Slot.gpus)."""
+        `free_vram_per_gpu` is the free memory of each GPU of its host the slot can hand one
+        job now (older workers: `gpus_free` GPUs with `free_vram_gib`); see matching.offered.
+        The registry keeps the slot's total, which is what the fleet's other rules go by.
+        With `host_gpus` above the GPUs offered, matching.held_for may hold the claim back."""
         now = time.time() if now is None else now
         vram = capability.max_vram_gib if slot_vram_gib is None else slot_vram_gib
         policy = matching.merge_policy(self._hosts.get(capability.hostname), own_allow, own_deny)
+        if free_vram_per_gpu is not None:
+            gpus_free = len(free_vram_per_gpu)
         slot = matching.Slot(capability, vram, policy, gpus_free=gpus_free)
         with self._write() as db:
             self._register(db, worker_id, slot, now)
@@ -705,11 +714,14 @@ class SqliteQueue:
             for restored in db.execute(RESTORE_FOR_SLOT, {**_slot_params(slot), "now": now}
                                        ).fetchall() if gate["unschedulable"] else ():
                 self._event(db, restored["job_id"], "schedulable", now, worker_id=worker_id)
-            free = slot if free_vram_gib is None else dataclasses.replace(
-                slot, vram_gib=min(slot.vram_gib, free_vram_gib))
+            free = matching.offered(slot, free_vram_gib, free_vram_per_gpu)
             row = self._pick(db, free, now)
             if row is None:
                 return None
+            if host_gpus is not None and matching.reserves(free, host_gpus):
+                wide = self._pick(db, matching.whole_host(slot, host_gpus), now)
+                if matching.held_for(_job(row), None if wide is None else _job(wide), free):
+                    return None
             lease = secrets.token_hex(16)
             claimed = db.execute(
                 MARK_CLAIMED,

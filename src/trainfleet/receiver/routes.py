@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
@@ -206,6 +207,10 @@ def _job_out(job: Job) -> s.JobOut:
 
 
 # -- the worker's calls ------------------------------------------------------
+# claim, heartbeat and complete are served by hot_routes.HotLane, which calls these very
+# functions with these routes' own fields, bypassing FastAPI's per-request machinery. Their
+# declarations here are what /openapi.json describes; a receiver refuses to start if one
+# is changed in a way the lane does not follow (another dependency, a query parameter).
 
 
 @router.post("/v1/job/claim", responses={204: {"description":
@@ -220,6 +225,7 @@ async def claim(body: s.ClaimRequest, request: Request, host: Bound) -> Any:
     claimed = state.queue.claim_next(
         body.worker_id, capability, body.slot_vram_gib, allow, tuple(body.deny_jobs),
         now=state.queue_now(), free_vram_gib=body.free_vram_gib, gpus_free=body.gpus_free,
+        free_vram_per_gpu=body.free_vram_per_gpu, host_gpus=body.host_gpus,
     )
     if claimed is None:
         state.metrics.empty_claims.inc()
@@ -319,7 +325,8 @@ async def put_model(
         async for _ in request.stream():  # drain, so the client sees a clean answer
             pass
         response.status_code = 200
-        return s.ArtifactOut(artifact_id=artifact_id, size=_size(state, artifact_id), new=False)
+        size = await _in_store(state, _size, state, artifact_id)
+        return s.ArtifactOut(artifact_id=artifact_id, size=size, new=False)
     if state.uploads.locked():
         raise ServiceBusy(f"uploads: {state.settings.max_concurrent_uploads} already running; "
                           "retry later")
@@ -336,12 +343,13 @@ async def put_model(
                     upload.commit, job_id=job.job_id, model=job.model, mode=job.mode,
                     host=job.hostname or "", kind=kind,
                 )
-            except Exception:
+            except BaseException:  # a client gone mid-body cancels the request, too
                 if state.store.remote:  # aborting a multipart upload is a network call too
-                    await run_in_threadpool(upload.abort)
+                    with anyio.CancelScope(shield=True):  # run it even in a cancelled scope
+                        await run_in_threadpool(upload.abort)
                 raise
     response.status_code = 201 if new else 200
-    size = _size(state, artifact_id)
+    size = await _in_store(state, _size, state, artifact_id)
     if new:
         state.metrics.upload_bytes.inc(size)
     return s.ArtifactOut(artifact_id=artifact_id, size=size, new=new)
@@ -530,7 +538,10 @@ async def why(job_ref: JobRef, state: State) -> s.WhyOut:
     live = [w for w in state.queue.workers(now) if w.alive]
     slots = {w.worker_id: w.slot() for w in live}
     waited_s = max(0.0, now - job.pending_since)
-    reasons = matching.explain_fleet(job, slots, waited_s)
+    # A multi-GPU host may hold the job back for a wider one that ranks above it.
+    wide_host = job.status is Status.PENDING and any(w.host_gpus > 1 for w in live)
+    pending = state.queue.list_jobs(status="pending") if wide_host else []
+    reasons = matching.explain_fleet(job, slots, waited_s, pending)
     expires = job.pending_since + job.prefer_wait_s if job.prefer_cuda else None
     return s.WhyOut(
         job_id=job.job_id, name=job.name, status=job.status.value, waited_s=waited_s,

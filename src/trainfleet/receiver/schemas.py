@@ -6,7 +6,7 @@ or worker id by accident or on purpose.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +14,7 @@ from trainfleet.queue.base import Status
 
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
 Lease = Field(min_length=1, max_length=128)
+FreeGib = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class Strict(BaseModel):
@@ -52,11 +53,17 @@ class ClaimRequest(Strict):
     capability: dict[str, Any] = Field(json_schema_extra=CAPABILITY_SCHEMA)
     slot: int = Field(default=0, ge=0, le=1024)
     slot_vram_gib: float | None = Field(default=None, ge=0)
-    #: the slot's GPU memory free now (nvidia-smi): the claim matches against it
+    #: the free GPU memory (GiB, nvidia-smi) of each GPU of its host the slot can hand one job
+    #: now, in any order: a job on N GPUs fits when its VRAM need fits the N-th best. When
+    #: given, free_vram_gib and gpus_free are ignored.
+    free_vram_per_gpu: list[FreeGib] | None = Field(default=None, max_length=64)
+    #: older workers: `gpus_free` GPUs, each with `free_vram_gib` free (capped at
+    #: slot_vram_gib). Default: one GPU with slot_vram_gib for a CUDA slot, none for a CPU one.
     free_vram_gib: float | None = Field(default=None, ge=0)
-    #: GPUs of the host this slot can hand one job now: itself plus its idle sibling GPU
-    #: slots with at least its free VRAM. Default: 1 for a CUDA slot, 0 for a CPU one.
     gpus_free: int | None = Field(default=None, ge=0, le=1024)
+    #: the GPUs of the slot's host; with an offer narrower than that, the claim holds back
+    #: lower-ranked jobs for a higher-ranked job needing more GPUs (docs/protocol.md)
+    host_gpus: int | None = Field(default=None, ge=0, le=1024)
     allow_jobs: list[str] | None = None
     deny_jobs: list[str] = []
 

@@ -11,8 +11,12 @@ hashed as it goes. Only once the digest and the size limit are verified is the m
 completed, copied server-side to its final key and the temp key deleted; a mismatch, an
 oversize body or a client that goes away aborts the multipart, so nothing is published. The
 index row is written last, with `If-None-Match: *`, so receivers racing on one artifact
-publish one row between them and no reader sees a row before its bundle. One object per row
-means there is no shared index file to tear.
+publish one row between them and no reader sees a row before its bundle (a receiver that
+loses the race deletes a bundle it copied to a key the winner's row does not name). One
+object per row means there is no shared index file to tear.
+
+Conditional writes need botocore 1.35.2 or later (boto3 1.35.2 pins it): an older one
+refuses `IfNoneMatch` before sending anything, so the store refuses to start with it.
 
 Credentials, region and endpoint come the boto3 way (AWS_* variables, ~/.aws, instance
 roles), plus an explicit endpoint URL for MinIO, Ceph or moto.
@@ -27,6 +31,8 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -46,12 +52,20 @@ PART_BYTES = 8 << 20  #: bytes buffered per multipart part (S3's minimum is 5 Mi
 MIN_PART_BYTES = 5 << 20
 STRAY_TEMP_AGE_S = 24 * 3600.0  #: abandoned multiparts and temp objects this old are removed
 _ARTIFACT_ID = re.compile(r"[0-9a-f]{64}")
+_BUNDLE_KEY = re.compile(r"[^/]+/[0-9a-f]{64}/bundle\.tar\.(zst|gz)")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 #: Error codes that mean "no room" (AWS, MinIO, Ceph): the client should retry later.
 _NO_SPACE = {"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull", "InsufficientStorage",
              "StorageFull"}
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_ALREADY = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+#: The conditional index write lost: a row is there already (412).
+_ALREADY = {"PreconditionFailed", "412"}
+#: Another conditional write on the key is in flight (409): S3 asks for a retry.
+_CONFLICT = {"ConditionalRequestConflict", "409"}
+CONFLICT_RETRIES = 5  #: tries of the index write while S3 answers 409
+CONFLICT_BACKOFF_S = 0.05  #: doubled after each 409
+ROW_CACHE = 100_000  #: index rows kept in memory (a few hundred bytes each)
+LIST_THREADS = 8  #: index objects entries() fetches at once
 
 
 class StoreUnavailable(TrainfleetError):
@@ -85,6 +99,7 @@ class S3Store:
         endpoint_url: str | None = None,
         part_bytes: int = PART_BYTES,
         copy_threshold_bytes: int = 4 << 30,
+        row_cache: int = ROW_CACHE,
     ) -> None:
         try:
             import boto3
@@ -106,7 +121,14 @@ class S3Store:
         self._transfer = TransferConfig(multipart_threshold=copy_threshold_bytes,
                                         multipart_chunksize=max(part_bytes, 512 << 20))
         self._lock = threading.Lock()
-        self._rows: dict[str, dict[str, Any]] = {}  #: rows known to be published (immutable)
+        #: rows known to be published (immutable), least recently used first
+        self._rows: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.row_cache = row_cache
+        put = self._s3.meta.service_model.operation_model("PutObject")
+        if "IfNoneMatch" not in put.input_shape.members:
+            raise TrainfleetError(
+                "--store s3://...: botocore is too old for conditional writes (If-None-Match):"
+                " pip install 'boto3>=1.35.2'")
         try:
             self._s3.head_bucket(Bucket=self.bucket)
         except Exception as exc:
@@ -126,10 +148,21 @@ class S3Store:
         return dict(row)
 
     def entries(self, model: str | None = None) -> list[dict[str, Any]]:
-        """Index rows of stored artifacts, oldest first; rows other receivers wrote included."""
+        """Index rows of stored artifacts, oldest first; rows other receivers wrote included.
+
+        Rows not cached yet are fetched a few at a time: one GET each, and thousands of
+        them one after another would hold a listing up for seconds."""
+        ids = self._listed_ids()
+        with self._lock:
+            missing = [artifact_id for artifact_id in ids if artifact_id not in self._rows]
+        fetched: dict[str, dict[str, Any] | None] = {}
+        if len(missing) > 1:
+            with ThreadPoolExecutor(min(LIST_THREADS, len(missing)),
+                                    thread_name_prefix="s3-index") as pool:
+                fetched = dict(zip(missing, pool.map(self._row, missing), strict=True))
         rows = []
-        for artifact_id in self._listed_ids():
-            row = self._row(artifact_id)
+        for artifact_id in ids:
+            row = fetched[artifact_id] if artifact_id in fetched else self._row(artifact_id)
             if row is not None and (model is None or row.get("model") == model):
                 rows.append(dict(row))
         return sorted(rows, key=lambda row: str(row.get("stored_at")))
@@ -165,18 +198,22 @@ class S3Store:
         """Abort multipart uploads and remove temp objects older than `older_than_s`.
 
         Other receivers may be mid-upload into the same prefix, so only old leftovers go.
-        The age is read from the temp key's name (some servers report no true Initiated
-        time); a bucket lifecycle rule (AbortIncompleteMultipartUpload) is the belt to these
-        braces.
+        Multipart uploads are looked for under the whole prefix: a server-side copy of a
+        bundle over 4 GiB is one too, at the bundle's final key, and a receiver that died
+        during it left it open. The age of a temp upload is read from its key's name (some
+        servers report no true Initiated time); a bucket lifecycle rule
+        (AbortIncompleteMultipartUpload) is the belt to these braces.
         """
         prefix = self._key(".tmp") + "/"
         cutoff = time.time() - older_than_s
         count = 0
         try:
             pages = self._s3.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=prefix)
+                Bucket=self.bucket, Prefix=self._key(""))
             for page in pages:
                 for upload in page.get("Uploads", []):
+                    if not self._ours(upload["Key"]):  # the bucket may hold others' uploads
+                        continue
                     if _started(upload["Key"], upload["Initiated"].timestamp()) <= cutoff:
                         self._s3.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
                                                         UploadId=upload["UploadId"])
@@ -200,6 +237,13 @@ class S3Store:
     def _key(self, *parts: str) -> str:
         return "/".join([self.prefix, *parts] if self.prefix else parts)
 
+    def _ours(self, key: str) -> bool:
+        """Whether `key` is one this store writes in parts: a temp upload or a bundle."""
+        if key.startswith(self._key(".tmp") + "/"):
+            return True
+        start = len(self._key(""))
+        return key.startswith(self._key("")) and _BUNDLE_KEY.fullmatch(key[start:]) is not None
+
     def _index_key(self, artifact_id: str) -> str:
         return self._key("index", f"{artifact_id}.json")
 
@@ -213,6 +257,8 @@ class S3Store:
             return None
         with self._lock:
             row = self._rows.get(artifact_id)
+            if row is not None:
+                self._rows.move_to_end(artifact_id)
         if row is not None:
             return row
         try:
@@ -230,8 +276,16 @@ class S3Store:
             log.warning("%s: not an index row, ignored", self._index_key(artifact_id))
             return None
         row.setdefault("kind", DEFAULT_KIND)
+        return self._remember(row)
+
+    def _remember(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Cache a published row (the first one cached wins); the least recently used rows
+        go once there are more than `row_cache`."""
         with self._lock:
-            return self._rows.setdefault(artifact_id, row)
+            row = self._rows.setdefault(str(row["artifact_id"]), row)
+            while len(self._rows) > self.row_cache:
+                self._rows.popitem(last=False)
+            return row
 
     def _listed_ids(self) -> list[str]:
         prefix = self._key("index") + "/"
@@ -253,19 +307,43 @@ class S3Store:
         False if another upload published the artifact first."""
         artifact_id = row["artifact_id"]
         source = {"Bucket": self.bucket, "Key": tmp_key}
-        self._s3.copy(source, self.bucket, self._bundle_key(row), Config=self._transfer)
-        try:
-            self._s3.put_object(Bucket=self.bucket, Key=self._index_key(artifact_id),
-                                Body=json.dumps(row).encode(), IfNoneMatch="*",
-                                ContentType="application/json")
-        except Exception as exc:
-            if _code(exc) in _ALREADY:  # same bytes under the same key: nothing to undo
-                self._row(artifact_id)  # cache the winner's row, while in a thread
-                return False
-            raise
-        with self._lock:
-            self._rows.setdefault(artifact_id, row)
-        return True
+        bundle_key = self._bundle_key(row)
+        self._s3.copy(source, self.bucket, bundle_key, Config=self._transfer)
+        if self._write_row(row):
+            self._remember(row)
+            return True
+        winner = self._row(artifact_id)  # cached while in a thread, for the caller's answer
+        if winner is None:
+            raise StoreUnavailable(f"store: {self._index_key(artifact_id)} exists but is not "
+                                   "an index row")
+        if self._bundle_key(winner) != bundle_key:  # same bytes, another model or mode
+            try:  # no row will ever name this key: only the winner's row can exist
+                self._s3.delete_object(Bucket=self.bucket, Key=bundle_key)
+            except Exception as exc:
+                log.warning("%s: could not remove the unpublished copy: %s", bundle_key, exc)
+        return False
+
+    def _write_row(self, row: dict[str, Any]) -> bool:
+        """Write the index row unless one is there (If-None-Match: *): False if one is.
+
+        S3 answers 409 while another conditional write on the key is in flight; that one
+        may yet fail, so the write is retried (a few times, backing off) until S3 says which
+        row is there."""
+        key = self._index_key(row["artifact_id"])
+        delay = CONFLICT_BACKOFF_S
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                self._s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(row).encode(),
+                                    IfNoneMatch="*", ContentType="application/json")
+                return True
+            except Exception as exc:
+                if _code(exc) in _ALREADY:
+                    return False
+                if _code(exc) not in _CONFLICT or attempt == CONFLICT_RETRIES:
+                    raise
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class S3Upload:
@@ -364,8 +442,15 @@ class S3Upload:
             if self._completed:
                 s3.delete_object(Bucket=bucket, Key=self.tmp_key)
             elif self.upload_id is not None:
-                s3.abort_multipart_upload(Bucket=bucket, Key=self.tmp_key,
-                                          UploadId=self.upload_id)
+                try:
+                    s3.abort_multipart_upload(Bucket=bucket, Key=self.tmp_key,
+                                              UploadId=self.upload_id)
+                except Exception as exc:
+                    # The completion went through though its answer was lost: the upload
+                    # is an object now.
+                    if _code(exc) != "NoSuchUpload":
+                        raise
+                    s3.delete_object(Bucket=bucket, Key=self.tmp_key)
         except Exception as exc:  # purge_temp removes it later
             log.warning("%s: could not clean up the temp upload: %s", self.tmp_key, exc)
 
