@@ -2,7 +2,9 @@
 
 - `claim_app`: a bare Starlette app whose three endpoints each run one raw SQLite statement
   (UPDATE … RETURNING claim, UPDATE heartbeat, UPDATE complete) on one connection, in the
-  event loop: the HTTP + SQLite floor of the claim cycle.
+  event loop: the HTTP + SQLite floor of the claim cycle. Durability is the product's: the
+  claim and the completion commit at the queue's synchronous setting (FULL: an fsync each),
+  the heartbeat at NORMAL (no fsync; the next FULL commit syncs it), as the receiver's does.
 - `RawQueue`: the same statements in process, without HTTP: the database floor.
 - `upload_app`: a bare Starlette endpoint that streams a body to disk with sha256 and fsync.
 """
@@ -55,7 +57,8 @@ class RawQueue:
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute(f"PRAGMA synchronous = {synchronous}")
+        self.synchronous = synchronous.upper()
+        self.db.execute(f"PRAGMA synchronous = {self.synchronous}")
         self.db.executescript(SCHEMA)
 
     def load(self, n: int) -> None:
@@ -71,8 +74,15 @@ class RawQueue:
         return None if found is None else (found[0], found[1])
 
     def heartbeat(self, job_id: str, lease: str) -> bool:
+        """Committed at synchronous=NORMAL, like the product's heartbeat: no fsync."""
         params = {"job_id": job_id, "lease": lease, "now": time.time()}
-        return self.db.execute(HEARTBEAT, params).rowcount == 1
+        if self.synchronous == "NORMAL":
+            return self.db.execute(HEARTBEAT, params).rowcount == 1
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        try:
+            return self.db.execute(HEARTBEAT, params).rowcount == 1
+        finally:
+            self.db.execute(f"PRAGMA synchronous = {self.synchronous}")
 
     def complete(self, job_id: str, lease: str) -> bool:
         return self.db.execute(COMPLETE, {"job_id": job_id, "lease": lease}).rowcount == 1

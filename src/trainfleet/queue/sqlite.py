@@ -6,6 +6,7 @@ serialise on the write lock instead of failing with "database is locked".
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import secrets
@@ -84,9 +85,13 @@ CREATE INDEX IF NOT EXISTS jobs_pending_class
     WHERE status = 'pending' AND orphaned = 0;
 DROP INDEX IF EXISTS attempts_host;
 CREATE INDEX attempts_host ON attempts (hostname, ended_at) WHERE ended_at IS NOT NULL;
+DROP INDEX IF EXISTS jobs_pending_cpu;
+DROP INDEX IF EXISTS jobs_pending_cuda;
 """,
 }
 HEX = set("0123456789abcdef")
+#: The JSON columns that hold lists: job_from_row turns each into a tuple.
+TUPLE_JSON = frozenset(("train_hosts", "allowed_hosts", "avoid_hosts"))
 SEEN_EVERY_S = 1.0  #: a worker's last_seen is rewritten at most this often (by one process)
 
 # Hard constraints as SQL; matching.explain is applied to each candidate as well,
@@ -108,6 +113,12 @@ ORDER BY {order}
 """
 ORDER_CPU = "priority DESC, manifest_index"
 ORDER_CUDA = "priority DESC, prefer_cuda DESC, manifest_index"
+# The rank walk (too many classes) has one index for both orders, keyed by prefer_cuda
+# first: a claim walks its two prefer_cuda runs, each in `priority DESC, manifest_index`, and
+# merges them in the slot's order. One pending index fewer for every claim to update.
+RANK_CANDIDATES = CLAIM_CANDIDATES.replace(
+    "ORDER BY", "  AND prefer_cuda = :prefer_cuda\nORDER BY"
+).format(index="jobs_pending_rank", order=ORDER_CPU)
 
 # A claim's job classes: the hard constraints a slot can rule out for a whole class at once
 # (model, require_cuda, allowed_hosts), plus prefer_cuda so that within a class both rank
@@ -142,7 +153,6 @@ UPDATE jobs SET status = 'claimed', lease = :lease, attempts = attempts + 1,
        hostname = :hostname, claimed_at = :now, heartbeat_at = :now, progress = NULL,
        progress_at = :now, log_tail = NULL, updated_at = :now
 WHERE job_id = :job_id AND status = 'pending'
-RETURNING *
 """
 
 UPSERT_WORKER = """
@@ -388,9 +398,13 @@ def _token(row: sqlite3.Row) -> TokenInfo:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    fields = dict(row)
+    # On every claim, heartbeat and completion: zip is faster than dict(row), and the
+    # usual '[]' of a list column needs no JSON parser (job_from_row makes lists tuples).
+    fields = dict(zip(row.keys(), row, strict=True))
     for name in JSON_COLUMNS:
-        fields[name] = _loads(fields[name])
+        text = fields[name]
+        if text is not None:
+            fields[name] = () if text == "[]" and name in TUPLE_JSON else json.loads(text)
     return job_from_row(fields)
 
 
@@ -512,7 +526,7 @@ class SqliteQueue:
         db.execute(
             "INSERT INTO events (job_id, at, kind, attempt, worker_id, detail) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, now, kind, attempt, worker_id, _dumps(detail)),
+            (job_id, now, kind, attempt, worker_id, _dumps(detail) if detail else "{}"),
         )
 
     def _live_row(
@@ -715,29 +729,36 @@ class SqliteQueue:
                                        ).fetchall() if gate["unschedulable"] else ():
                 self._event(db, restored["job_id"], "schedulable", now, worker_id=worker_id)
             free = matching.offered(slot, free_vram_gib, free_vram_per_gpu)
-            row = self._pick(db, free, now)
-            if row is None:
+            job = self._pick(db, free, now)
+            if job is None:
                 return None
             if host_gpus is not None and matching.reserves(free, host_gpus):
                 wide = self._pick(db, matching.whole_host(slot, host_gpus), now)
-                if matching.held_for(_job(row), None if wide is None else _job(wide), free):
+                if matching.held_for(job, wide, free):
                     return None
             lease = secrets.token_hex(16)
-            claimed = db.execute(
+            marked = db.execute(
                 MARK_CLAIMED,
                 {"lease": lease, "worker_id": worker_id, "hostname": capability.hostname,
-                 "now": now, "job_id": row["job_id"]},
-            ).fetchone()
-            attempt = row["attempts"] + 1
+                 "now": now, "job_id": job.job_id},
+            )
+            if marked.rowcount != 1:  # cannot happen: the pick was read in this transaction
+                raise TrainfleetError(f"{job.job_id}: no longer pending while being claimed")
+            attempt = job.attempts + 1
             db.execute(
                 "INSERT INTO attempts (job_id, attempt, worker_id, hostname, lease, started_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (row["job_id"], attempt, worker_id, capability.hostname, lease, now),
+                (job.job_id, attempt, worker_id, capability.hostname, lease, now),
             )
-            self._event(db, row["job_id"], "claimed", now, attempt, worker_id,
+            self._event(db, job.job_id, "claimed", now, attempt, worker_id,
                         hostname=capability.hostname)
-            job = _job(claimed)
-        return Claim(job, lease, attempt)
+        # The picked job as MARK_CLAIMED left its row (a test holds the two equal): no
+        # second read and decode of the row.
+        claimed = dataclasses.replace(
+            job, status=Status.CLAIMED, attempts=attempt, worker_id=worker_id,
+            hostname=capability.hostname, progress=None, heartbeat_at=now, progress_at=now,
+            updated_at=now)
+        return Claim(claimed, lease, attempt)
 
     def _register(
         self, db: sqlite3.Connection, worker_id: str, slot: matching.Slot, now: float
@@ -756,7 +777,7 @@ class SqliteQueue:
              "deny": _dumps(sorted(slot.policy.deny)), "vram": slot.vram_gib, "now": now},
         )
 
-    def _pick(self, db: sqlite3.Connection, slot: matching.Slot, now: float) -> sqlite3.Row | None:
+    def _pick(self, db: sqlite3.Connection, slot: matching.Slot, now: float) -> Job | None:
         """Walk candidates in rank order; the first that matching accepts wins."""
         params = _slot_params(slot)
         live: list[matching.Slot] | None = None
@@ -766,7 +787,7 @@ class SqliteQueue:
             if soft and live is None:  # only the soft rules look at the rest of the fleet
                 live = self._live_slots(db, now)
             if matching.is_eligible(job, slot, live or (), now - job.pending_since):
-                return row
+                return job
         return None
 
     def _candidates(
@@ -777,15 +798,16 @@ class SqliteQueue:
         Jobs of a class the slot may not run (CUDA only, other hosts, a model its policy
         refuses) are never read: each open class is walked from its own index range and
         the walks are merged, so the cost follows the number of classes, not how many
-        ineligible jobs rank ahead. With too many classes, one walk of the rank index.
+        ineligible jobs rank ahead. With too many classes, the two prefer_cuda runs of the rank
+        index, merged.
         """
         found = [job_class for (job_class,) in db.execute(CLASSES)]
         if len(found) > MAX_CLASSES:
-            index, order = ("jobs_pending_cuda", ORDER_CUDA) if slot.cuda else (
-                "jobs_pending_cpu", ORDER_CPU)
-            return iter(db.execute(CLAIM_CANDIDATES.format(index=index, order=order), params))
-        classes = [job_class for job_class in found if _class_open(slot, job_class)]
-        walks = [db.execute(CLASS_CANDIDATES, {**params, "job_class": c}) for c in classes]
+            walks = [db.execute(RANK_CANDIDATES, {**params, "prefer_cuda": p})
+                     for p in (1, 0)]
+        else:
+            classes = [job_class for job_class in found if _class_open(slot, job_class)]
+            walks = [db.execute(CLASS_CANDIDATES, {**params, "job_class": c}) for c in classes]
         if len(walks) == 1:
             return iter(walks[0])
         if slot.cuda:

@@ -53,12 +53,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     gpus             INTEGER NOT NULL DEFAULT 0  -- GPUs of one host at once (0: CPU)
 );
 
--- The claim walks one of these in rank order, so its cost does not grow with depth.
-CREATE INDEX IF NOT EXISTS jobs_pending_cpu
-    ON jobs (priority DESC, manifest_index)
-    WHERE status = 'pending' AND orphaned = 0;
-CREATE INDEX IF NOT EXISTS jobs_pending_cuda
-    ON jobs (priority DESC, prefer_cuda DESC, manifest_index)
+-- With more job classes than it seeks one by one, the claim walks both prefer_cuda runs of
+-- this in rank order and merges them, so its cost does not grow with depth.
+CREATE INDEX IF NOT EXISTS jobs_pending_rank
+    ON jobs (prefer_cuda, priority DESC, manifest_index)
     WHERE status = 'pending' AND orphaned = 0;
 -- Jobs by class (the hard constraints a slot can rule out wholesale), each class in rank
 -- order: a claim skips every class its slot may not run, however many jobs it holds.
