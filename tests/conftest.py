@@ -79,6 +79,21 @@ def gpu(hostname: str = "gpu-a", vram_gib: float = 24.0, ram_gib: float = 64.0) 
 BACKENDS = ["sqlite", "postgres"]
 
 
+
+def execute_on(queue_url: str, statements: list[str]) -> None:
+    """Run raw SQL against a queue's database, e.g. to take it back to an older schema."""
+    if queue_url.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(queue_url.removeprefix("sqlite:///")) as db:
+            for statement in statements:
+                db.execute(statement)
+        return
+    psycopg = pytest.importorskip("psycopg")
+    with psycopg.connect(queue_url) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Cluster]:
     """One throwaway PostgreSQL server for the whole session, started on first use."""

@@ -11,7 +11,6 @@ import os
 import pickle
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import cpu, job, make_manifest, manifest_text
+from tests.conftest import cpu, execute_on, job, make_manifest, manifest_text
 from tests.fleet import Fleet, Receiver, wait_for
 from trainfleet import bundle, checkpoint
 from trainfleet.errors import LeaseLost, ManifestError, ReceiverError
@@ -109,15 +108,7 @@ def test_a_version_2_database_gains_the_checkpoint_columns(queue_url: str) -> No
     drops = [f"ALTER TABLE {table} DROP COLUMN {column}" for table, column in
              re.findall(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", module.MIGRATIONS[3])]
     drops.append("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    if sqlite:
-        with sqlite3.connect(queue_url.removeprefix("sqlite:///")) as db:
-            for statement in drops:
-                db.execute(statement)
-    else:
-        psycopg = pytest.importorskip("psycopg")
-        with psycopg.connect(queue_url) as conn:
-            for statement in drops:
-                conn.execute(statement)
+    execute_on(queue_url, drops)
     q = open_queue(queue_url)
     try:
         q.sync_manifest(make_manifest([job("a")]), now=T0)

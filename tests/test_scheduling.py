@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
-from tests.conftest import cpu, gpu, job, make_manifest
+from tests.conftest import cpu, execute_on, gpu, job, make_manifest
 from trainfleet.errors import LeaseLost, NotFound
 from trainfleet.failures import Cause
 from trainfleet.queue import open_queue
@@ -157,15 +155,7 @@ def test_older_schema_is_upgraded_in_place(queue_url: str) -> None:
              "ALTER TABLE jobs DROP COLUMN gpus",
              "DROP TABLE hosts",
              "UPDATE meta SET value = '1' WHERE key = 'schema_version'"]
-    if queue_url.startswith("sqlite:///"):
-        with sqlite3.connect(queue_url.removeprefix("sqlite:///")) as db:
-            for statement in drops:
-                db.execute(statement)
-    else:
-        psycopg = pytest.importorskip("psycopg")
-        with psycopg.connect(queue_url) as conn:
-            for statement in drops:
-                conn.execute(statement)
+    execute_on(queue_url, drops)
     q = open_queue(queue_url)
     try:
         q.sync_manifest(make_manifest([job("g")]), now=T0)
