@@ -388,6 +388,32 @@ def test_bodies_with_extra_or_forbidden_fields_are_refused(
     assert_4xx_json(answer, 422)
 
 
+ODD_LEASES = ["\u00e9t\u00e9", "a\x00b", "lease with spaces"]
+
+
+@pytest.mark.parametrize("lease", ODD_LEASES, ids=["non-ascii", "nul", "spaces"])
+@pytest.mark.parametrize("path", ["heartbeat", "complete", "fail", "checkpoint"])
+def test_a_lease_that_no_claim_hands_out_is_a_422_naming_it(
+    rx: Rx, unchanged: None, path: str, lease: str
+) -> None:
+    body: dict[str, Any] = {"lease": lease, "artifact_id": "b" * 64, "error": "e"}
+    if path == "heartbeat":
+        body = {"lease": lease}
+    elif path == "fail":
+        body = {"lease": lease, "error": "e"}
+    answer = rx.request("POST", f"/v1/job/alpha/{path}", body)
+    assert "lease" in json.dumps(assert_4xx_json(answer, 422))
+
+
+@pytest.mark.parametrize("lease", ODD_LEASES, ids=["non-ascii", "nul", "spaces"])
+def test_an_upload_with_an_odd_lease_is_a_422_naming_it(
+    rx: Rx, unchanged: None, lease: str
+) -> None:
+    artifact_id, data = gzip_bytes("odd lease")
+    answer = rx.request("PUT", upload_target(rx, artifact_id, lease=lease), data)
+    assert "lease" in json.dumps(assert_4xx_json(answer, 422))
+
+
 HUGE = int("9" * 400)  # valid JSON, too large for a float
 NUMBERS = [
     {"worker_id": "w-2", "capability": {"hostname": "h", "ram_gib": HUGE}},

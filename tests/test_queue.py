@@ -51,6 +51,20 @@ def test_complete_is_idempotent_for_same_lease_and_artifact(queue: JobQueue) -> 
     assert [e.kind for e in queue.history(claim.job.job_id)].count("completed") == 1
 
 
+def test_a_non_ascii_lease_is_a_lost_lease_not_a_crash(queue: JobQueue) -> None:
+    queue.sync_manifest(make_manifest([job("a")]), now=T0)
+    claim = queue.claim_next("w1", cpu(), now=T0)
+    assert claim is not None
+    for call in (lambda: queue.heartbeat(claim.job.job_id, "\u00e9t\u00e9", now=T0 + 1),
+                 lambda: queue.complete(claim.job.job_id, "\u00e9t\u00e9", "a" * 64,
+                                        now=T0 + 1),
+                 lambda: queue.check_lease(claim.job.job_id, "\u00e9t\u00e9", now=T0 + 1)):
+        with pytest.raises(LeaseLost):
+            call()
+    assert not queue.attempt_lease_matches(claim.job.job_id, 1, "\u00e9t\u00e9")
+    assert queue.get(claim.job.job_id).status == Status.CLAIMED
+
+
 def test_claim_skips_cuda_jobs_on_cpu_host(queue: JobQueue) -> None:
     queue.sync_manifest(make_manifest([job("t", "transformer", require_cuda=True),
                                        job("g")]), now=T0)

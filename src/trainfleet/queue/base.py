@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -42,6 +43,12 @@ class FailureKind(StrEnum):
 
 #: Failures that are the training's own, counted against max_attempts.
 CHARGED = (FailureKind.TRAINER_ERROR, FailureKind.TIMEOUT, FailureKind.STALLED)
+
+
+def same_lease(stored: str, given: str) -> bool:
+    """Constant-time lease check; on bytes, so a caller's non-ASCII lease is a mismatch
+    (409), not a TypeError (500)."""
+    return secrets.compare_digest(stored.encode(), given.encode())
 
 
 def progress_moved(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> bool:

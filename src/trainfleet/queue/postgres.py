@@ -56,6 +56,7 @@ from trainfleet.queue.base import (
     checkpoint_detail,
     job_from_row,
     progress_moved,
+    same_lease,
     stalled_error,
     with_host_gpus,
 )
@@ -709,7 +710,7 @@ class PostgresQueue:
         attempt, if nobody has claimed it since.
         """
         job_id = row["job_id"]
-        if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
+        if row["lease"] is not None and same_lease(row["lease"], lease):
             if row["status"] not in LIVE:
                 raise LeaseLost(job_id, f"job is {row['status']}")
             return row
@@ -729,7 +730,7 @@ class PostgresQueue:
             (row["job_id"],),
         ).fetchone()
         if (last is None or last["outcome"] != FailureKind.LOST_WORKER
-                or not secrets.compare_digest(last["lease"], lease)):
+                or not same_lease(last["lease"], lease)):
             return None
         attempt = row["attempts"] + 1
         revived = conn.execute(
@@ -887,10 +888,14 @@ class PostgresQueue:
                         picked = conn.execute(CLAIMS[held, order], {**params, "vram": free})
                 settings = read.fetchone()
                 assert settings is not None
-                if settings["hosts_md5"] == hosts_md5:
+                row = picked.fetchone()
+                if settings["hosts_md5"] != hosts_md5:  # a reload changed them
+                    self._remember_host_policies(settings)
+                # A row was claimed under the policies CLAIM itself found current (each
+                # statement has its own snapshot): keep it, it is committed. None with other
+                # policies: claim again with the new ones.
+                if row is not None or settings["hosts_md5"] == hosts_md5:
                     break
-                self._remember_host_policies(settings)  # a reload changed them: claim again
-            row = picked.fetchone()
         if row is None:
             return None
         command = tuple(json.loads(settings["trainer"])) if settings["trainer"] else ()
@@ -946,7 +951,7 @@ class PostgresQueue:
         with self._tx() as conn:
             row = self._lock_job(conn, job_id, now)
             now = float(row["clock"])
-            if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
+            if row["lease"] is not None and same_lease(row["lease"], lease):
                 if row["status"] == Status.CANCELLED:
                     return "cancel"
             row = self._live_row(conn, row, lease, now)
@@ -991,7 +996,7 @@ class PostgresQueue:
             if (
                 row["status"] == Status.COMPLETED
                 and row["lease"] is not None
-                and secrets.compare_digest(row["lease"], lease)
+                and same_lease(row["lease"], lease)
                 and row["artifact_id"] == artifact_id
             ):
                 return job_from_row(row)
@@ -1197,7 +1202,7 @@ class PostgresQueue:
             row = conn.execute(
                 "SELECT lease FROM attempts WHERE job_id = %s AND attempt = %s", (job_id, attempt)
             ).fetchone()
-        return row is not None and secrets.compare_digest(row["lease"], lease)
+        return row is not None and same_lease(row["lease"], lease)
 
     def log_tail(self, job_id: str) -> str | None:
         """The log tail of the latest heartbeat."""

@@ -55,6 +55,7 @@ from trainfleet.queue.base import (
     checkpoint_detail,
     job_from_row,
     progress_moved,
+    same_lease,
     stalled_error,
     with_host_gpus,
 )
@@ -540,7 +541,7 @@ class SqliteQueue:
         `row`: the job's row, when the caller has just read it in this transaction.
         """
         row = self._row(db, job_id) if row is None else row
-        if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
+        if row["lease"] is not None and same_lease(row["lease"], lease):
             if row["status"] not in LIVE:
                 raise LeaseLost(job_id, f"job is {row['status']}")
             return row
@@ -557,7 +558,7 @@ class SqliteQueue:
             (row["job_id"],),
         ).fetchone()
         if (last is None or last["outcome"] != FailureKind.LOST_WORKER
-                or not secrets.compare_digest(last["lease"], lease)):
+                or not same_lease(last["lease"], lease)):
             return False
         attempt = row["attempts"] + 1
         db.execute(
@@ -868,7 +869,7 @@ class SqliteQueue:
         now = time.time() if now is None else now
         with self._write(durable=False) as db:
             row = self._row(db, job_id)
-            if row["lease"] is not None and secrets.compare_digest(row["lease"], lease):
+            if row["lease"] is not None and same_lease(row["lease"], lease):
                 if row["status"] == Status.CANCELLED:
                     return "cancel"
             row = self._live_row(db, job_id, lease, now, row)
@@ -908,7 +909,7 @@ class SqliteQueue:
             if (
                 row["status"] == Status.COMPLETED
                 and row["lease"] is not None
-                and secrets.compare_digest(row["lease"], lease)
+                and same_lease(row["lease"], lease)
                 and row["artifact_id"] == artifact_id
             ):
                 return _job(row)
@@ -1088,7 +1089,7 @@ class SqliteQueue:
             row = self._db.execute(
                 "SELECT lease FROM attempts WHERE job_id = ? AND attempt = ?", (job_id, attempt)
             ).fetchone()
-        return row is not None and secrets.compare_digest(row["lease"], lease)
+        return row is not None and same_lease(row["lease"], lease)
 
     def log_tail(self, job_id: str) -> str | None:
         """The log tail of the latest heartbeat."""

@@ -313,7 +313,7 @@ async def put_model(
     request: Request,
     state: State,
     job_id: Annotated[str, Query(min_length=1, max_length=200)],
-    lease: Annotated[str, Query(min_length=1, max_length=128)],
+    lease: Annotated[str, Query(min_length=1, max_length=128, pattern=s.LEASE_PATTERN)],
     response: Response,
     attempt: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
     kind: ArtifactKind = "model",
@@ -399,7 +399,7 @@ async def put_log(
     job_ref: JobRef,
     request: Request,
     state: State,
-    lease: Annotated[str, Query(min_length=1, max_length=128)],
+    lease: Annotated[str, Query(min_length=1, max_length=128, pattern=s.LEASE_PATTERN)],
     attempt: Annotated[int, Query(ge=1, le=100_000)],
 ) -> dict[str, int]:
     """Keep an attempt's full trainer log under the state dir."""

@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from trainfleet.queue.base import Status
 
 Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
-Lease = Field(min_length=1, max_length=128)
+#: Printable ASCII: a lease is what a claim handed out (hex); anything else is refused as 422.
+LEASE_PATTERN = r"^[!-~]+$"
+Lease = Field(min_length=1, max_length=128, pattern=LEASE_PATTERN)
 FreeGib = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
