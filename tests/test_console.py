@@ -138,6 +138,17 @@ def test_workers_show_capability_and_current_job(fleet: Fleet) -> None:
     assert row.rstrip().endswith(fleet.running["job"]["name"])  # what the slot runs, by name
 
 
+def test_workers_show_a_slot_lent_to_a_siblings_job(fleet: Fleet) -> None:
+    assert fleet.client.claim("w-a2", cpu("cpu-a").to_dict(), slot=1) is None  # nothing fits
+    job_id, lease = fleet.running["job"]["job_id"], fleet.running["lease"]
+    fleet.client.heartbeat(job_id, lease, lent_slots=["w-a2"])
+    lines = fleet.cli("workers").stdout.splitlines()
+    row = next(line for line in lines if " w-a2 " in line)
+    assert row.rstrip().endswith(f"lent to {fleet.running['job']['name']}")
+    holder = next(line for line in lines if " w-a " in line)
+    assert holder.rstrip().endswith(fleet.running["job"]["name"])
+
+
 def test_logs_prints_full_log_and_follow_streams_a_running_job(fleet: Fleet) -> None:
     assert fleet.cli("logs", "done-job").stdout == "epoch 1\nepoch 2\ntrained ok\n"
     job_id, lease = fleet.running["job"]["job_id"], fleet.running["lease"]

@@ -198,6 +198,12 @@ def test_workers_panel_shows_each_slot_what_it_runs_and_a_quarantined_host(
         assert running is not None and running["job"]["name"] == "train-big"
         assert client.claim("duo-1234-cpu0", cpu("duo").to_dict(), slot=1,
                             deny_jobs=["gbt"]) is None  # an idle slot...
+        duo1 = Capability(hostname="duo", os="linux", cpu_count=16, ram_gib=64.0, cuda=True,
+                          gpus=(Gpu(1, "Test GPU", 24.0),))
+        assert client.claim("duo-1234-gpu1", duo1.to_dict(), slot=2,
+                            deny_jobs=["gbt"]) is None  # ...one lent to gpu0's job...
+        client.heartbeat(running["job"]["job_id"], running["lease"],
+                         lent_slots=["duo-1234-gpu1"])
         for i in range(3):  # ...and a host whose last three jobs failed alike
             got = client.claim("flaky-5678", cpu("flaky").to_dict())
             assert got is not None
@@ -217,6 +223,8 @@ def test_workers_panel_shows_each_slot_what_it_runs_and_a_quarantined_host(
             cpu0 = page.locator("#workers tr[data-worker-id='duo-1234-cpu0']")
             expect(cpu0.locator("td").nth(1)).to_have_text("cpu0")
             expect(cpu0.locator("td").last).to_have_text("—")
+            gpu1 = page.locator("#workers tr[data-worker-id='duo-1234-gpu1']")
+            expect(gpu1.locator("td").last).to_have_text("lent to train-big")
             row = page.locator("#workers tr[data-worker-id='flaky-5678']")
             expect(row.locator(".quarantine")).to_be_visible()
             expect(row.locator(".quarantine")).to_have_text("quarantined")

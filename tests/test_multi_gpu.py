@@ -259,6 +259,44 @@ def test_workers_name_the_jobs_each_slot_runs_and_count_the_hosts_gpus(
     assert slots["duo-gpu0"].slot().gpus == 2  # why and unschedulable go by the host
 
 
+def test_a_heartbeat_vouches_for_the_slots_its_job_borrowed_on_its_own_host(
+    queue: JobQueue,
+) -> None:
+    for worker_id, cap in (("duo-gpu1", host("duo", 1)), ("far-gpu1", host("far", 1))):
+        assert queue.claim_next(worker_id, cap, now=T0) is None  # registered, nothing yet
+    queue.sync_manifest(make_manifest([job("wide", require_cuda=True, gpus=2)]), now=T0)
+    claim = queue.claim_next("duo-gpu0", host("duo", 0), now=T0 + 1,
+                             free_vram_per_gpu=[24.0, 24.0], host_gpus=2)
+    assert claim is not None
+    before = {w.worker_id: w for w in queue.workers(now=T0 + 2)}
+    # An empty list changes nothing but the holder's own last_seen.
+    queue.heartbeat(claim.job.job_id, claim.lease, now=T0 + 2)
+    after = {w.worker_id: w for w in queue.workers(now=T0 + 2)}
+    assert after["duo-gpu0"].last_seen == T0 + 2
+    assert {w: dataclasses.replace(after[w], last_seen=0) for w in after} == {
+        w: dataclasses.replace(before[w], last_seen=0) for w in before}
+    assert after["duo-gpu1"] == before["duo-gpu1"] and after["far-gpu1"] == before["far-gpu1"]
+
+    queue.heartbeat(claim.job.job_id, claim.lease, now=T0 + 50,
+                    lent_slots=["duo-gpu1", "far-gpu1", "duo-gpu0", "nobody"])
+    slots = {w.worker_id: w for w in queue.workers(now=T0 + 50)}
+    assert (slots["duo-gpu1"].last_seen, slots["duo-gpu1"].lent_to) == (T0 + 50, "wide")
+    assert slots["duo-gpu1"].to_dict()["lent_to"] == "wide" and slots["duo-gpu1"].jobs == ()
+    # Another host's slot is not this worker's to vouch for; the holder is not lent.
+    assert (slots["far-gpu1"].last_seen, slots["far-gpu1"].lent_to) == (T0, None)
+    assert slots["duo-gpu0"].lent_to is None and "nobody" not in slots
+    assert queue.get(claim.job.job_id).status == Status.RUNNING
+
+    # The lent slot back on its own: its claim clears the loan.
+    assert queue.claim_next("duo-gpu1", host("duo", 1), now=T0 + 51) is None
+    assert {w.worker_id: w for w in queue.workers(now=T0 + 51)}["duo-gpu1"].lent_to is None
+    # A loan shows only while the job is live.
+    queue.heartbeat(claim.job.job_id, claim.lease, now=T0 + 52, lent_slots=["duo-gpu1"])
+    assert {w.worker_id: w for w in queue.workers(now=T0 + 52)}["duo-gpu1"].lent_to == "wide"
+    queue.complete(claim.job.job_id, claim.lease, "a" * 64, {}, now=T0 + 53)
+    assert {w.worker_id: w for w in queue.workers(now=T0 + 53)}["duo-gpu1"].lent_to is None
+
+
 def test_complete_records_the_peak_vram_on_the_attempt(queue: JobQueue) -> None:
     queue.sync_manifest(make_manifest([job("a", require_cuda=True, min_vram_gib=4)]), now=T0)
     claim = queue.claim_next("w", gpu(), now=T0)
@@ -299,6 +337,31 @@ def test_the_receiver_matches_a_per_gpu_offer_and_refuses_a_bad_one(tmp_path: Pa
         assert got is not None and got["job"]["name"] == "two"
 
 
+def test_the_receiver_takes_a_heartbeats_lent_slots_and_refuses_bad_ones(
+    tmp_path: Path,
+) -> None:
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(manifest_text([job("wide", require_cuda=True, gpus=2)]))
+    with serving(ReceiverSettings(manifest_path=manifest, state_dir=tmp_path / "s")) as addr:
+        client = Client(f"http://{addr[0]}:{addr[1]}")
+        assert client.claim("duo-gpu1", host("duo", 1).to_dict(), free_vram_per_gpu=[],
+                            host_gpus=2) is None
+        got = client.claim("duo-gpu0", host("duo", 0).to_dict(),
+                           free_vram_per_gpu=[24.0, 24.0], host_gpus=2)
+        assert got is not None
+        job_id, lease = got["job"]["job_id"], got["lease"]
+        for bad in ([""], ["x" * 201], [f"w{i}" for i in range(65)]):
+            with pytest.raises(ReceiverError) as refused:
+                client.heartbeat(job_id, lease, lent_slots=bad)
+            assert refused.value.status == 422 and "lent_slots" in str(refused.value)
+        slots = {w["worker_id"]: w for w in client.workers()}
+        assert slots["duo-gpu1"]["lent_to"] is None
+        assert client.heartbeat(job_id, lease, lent_slots=["duo-gpu1"]) == "continue"
+        slots = {w["worker_id"]: w for w in client.workers()}
+        assert slots["duo-gpu1"]["lent_to"] == "wide"
+        assert slots["duo-gpu0"]["lent_to"] is None and slots["duo-gpu0"]["job_names"] == ["wide"]
+
+
 # -- end to end: a real worker daemon with fake GPUs --------------------------
 
 DUO = {"hostname": "duo", "cuda": True, "cpu_count": 16, "ram_gib": 64,
@@ -320,25 +383,36 @@ def test_a_two_gpu_job_gets_both_gpus_and_its_borrowed_sibling_claims_nothing(
     fleet: Fleet,
 ) -> None:
     receiver = fleet.receiver(fleet.manifest([
+        job("first", model="transformer", hyper={"gate": "first"}, require_cuda=True,
+            priority=2),
         job("wide", model="transformer", hyper={"gate": "wide"}, require_cuda=True, gpus=2,
             priority=1),
         job("single", model="transformer", hyper={"sleep_s": 0.1}, require_cuda=True)]))
     worker = fleet.worker(receiver.url, "duo", DUO, "--slots", "auto")
     jobs = receiver.jobs_by_name()
+    # While "first" runs, the other slot polls (held back for "wide"): both are registered.
+    receiver.wait_status(jobs["first"]["job_id"], "running")
+    wait_for("both slots registered", lambda: len(receiver.client.workers()) == 2 or None)
+    fleet.release("first")
     wide = receiver.wait_status(jobs["wide"]["job_id"], "running")
     fleet.trainer_pid(wide["job_id"])
     holder = wide["worker_id"]
-    others = {w["worker_id"]: w["last_seen"] for w in receiver.client.workers()
-              if w["worker_id"] != holder}  # the sibling, if it polled before it was lent
+    [sibling] = [w["worker_id"] for w in receiver.client.workers() if w["worker_id"] != holder]
+
+    def seen() -> float:
+        return float({w["worker_id"]: w for w in receiver.client.workers()}[sibling]["last_seen"])
+
     # Several heartbeats (0.5 s) span many polls (0.2 s): the sibling, lent to "wide",
-    # asked for nothing, so "single" still waits.
+    # asks for nothing, so "single" still waits; the holder's heartbeats vouch for it.
+    was = seen()
     for _ in range(3):
         before = receiver.job(wide["job_id"])["heartbeat_at"]
         wait_for("a heartbeat", lambda b=before: receiver.job(wide["job_id"])["heartbeat_at"] > b)
     assert receiver.job(jobs["single"]["job_id"])["status"] == "pending"
     now = {w["worker_id"]: w for w in receiver.client.workers()}
-    assert {w: now[w]["last_seen"] for w in now if w != holder} == others
-    assert now[holder]["job_names"] == ["wide"]
+    assert now[sibling]["last_seen"] > was and now[sibling]["alive"]
+    assert now[sibling]["lent_to"] == "wide" and now[sibling]["job_names"] == []
+    assert now[holder]["job_names"] == ["wide"] and now[holder]["lent_to"] is None
 
     fleet.release("wide")
     receiver.wait_status(wide["job_id"], "completed")

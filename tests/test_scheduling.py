@@ -153,6 +153,7 @@ def test_older_schema_is_upgraded_in_place(queue_url: str) -> None:
              "ALTER TABLE jobs DROP COLUMN checkpoint_id",
              "ALTER TABLE jobs DROP COLUMN checkpoint_at",
              "ALTER TABLE jobs DROP COLUMN gpus",
+             "ALTER TABLE workers DROP COLUMN lent_to_job",
              "DROP TABLE hosts",
              "UPDATE meta SET value = '1' WHERE key = 'schema_version'"]
     execute_on(queue_url, drops)

@@ -155,15 +155,20 @@ class Client:
         log_tail: str | None = None,
         peak_vram_gib: float | None = None,
         attempt: int | None = None,
+        lent_slots: list[str] | None = None,
     ) -> str:
         """Report liveness; the receiver's action, "continue" or "cancel".
 
+        `lent_slots`: the worker ids of the sibling slots the job borrowed, which make no
+        calls of their own meanwhile; the receiver marks them seen and lent to the job.
         Not retried: heartbeats are periodic, so the next one is the retry, and a worker
         blocked in backoff could not watch its trainer.
         """
         body: dict[str, Any] = {"lease": lease, "progress": progress, "log_tail": log_tail}
         if peak_vram_gib is not None:
             body["peak_vram_gib"] = peak_vram_gib
+        if lent_slots:
+            body["lent_slots"] = list(lent_slots)
         if attempt is not None:
             body["attempt"] = attempt
         path = f"/v1/job/{_seg(job_id)}/heartbeat"

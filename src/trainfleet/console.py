@@ -283,6 +283,8 @@ def workers(args: argparse.Namespace, client: Client) -> int:
         cap = w["capability"]
         gpus = ", ".join(f"{g['name']} {g['vram_gib']:g}G" for g in cap.get("gpus", [])) or "-"
         names = w.get("job_names") or [j[:12] for j in w["jobs"]]
+        if w.get("lent_to"):  # its GPU runs a sibling slot's job
+            names = [*names, f"lent to {w['lent_to']}"]
         alive = "yes" if w["alive"] else "no"
         if w.get("quarantined_until"):
             alive += " (quarantined)"

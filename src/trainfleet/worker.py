@@ -162,6 +162,9 @@ class Worker:
         self.pool: GpuPool | None = None  #: set when this is a GPU slot of a SlotGroup
         self._gpus = 1  #: how many GPUs the running attempt holds (its peak is per GPU)
         self._devices: str | None = None  #: the running attempt's CUDA_VISIBLE_DEVICES
+        #: the worker ids of the sibling slots the running attempt borrowed: its heartbeats
+        #: vouch for them, since a lent slot makes no calls of its own
+        self._lent: list[str] = []
         self._last_job = False  #: the job being claimed is this slot's last (--once, max)
         client.stop_event = self._wake
 
@@ -499,6 +502,7 @@ class Worker:
                 log_tail=_tail(att.log_path, LOG_TAIL_BYTES),
                 peak_vram_gib=self._peak_vram_gib,
                 attempt=att.attempt,
+                lent_slots=self._lent or None,
             )
         except LeaseLost:
             return _Outcome.FENCED
@@ -827,13 +831,14 @@ class GpuPool:
             self._busy.update(id(w) for w in occupied)
         me._gpus = len(held)
         me._devices = ",".join(w.settings.visible_devices or "" for w in held)
+        me._lent = [w.worker_id for w in held if w is not me]
         if held != [me]:
             log.info("job %s takes %d GPU(s): CUDA_VISIBLE_DEVICES=%s",
                      str(claim["job"]["job_id"])[:12], len(held), me._devices)
         try:
             me._run_job(claim)
         finally:
-            me._gpus, me._devices = 1, None
+            me._gpus, me._devices, me._lent = 1, None, []
             with self.lock:
                 self._busy.difference_update(id(w) for w in occupied)
         return True

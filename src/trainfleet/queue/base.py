@@ -236,6 +236,9 @@ class WorkerInfo:
     job_names: tuple[str, ...] = ()  #: the names of `jobs`, in the same order
     #: the GPUs its host has, as the registry knows them (see with_host_gpus); 0: none
     host_gpus: int = 0
+    #: the name of the live job a sibling slot of its host borrowed its GPU for (a heartbeat's
+    #: lent_slots); None when not lent, or once that job is no longer live
+    lent_to: str | None = None
 
     @property
     def quarantine(self) -> str | None:
@@ -266,6 +269,7 @@ class WorkerInfo:
             "quarantine_reason": self.quarantine_reason,
             "job_names": list(self.job_names),
             "host_gpus": self.host_gpus,
+            "lent_to": self.lent_to,
         }
 
 
@@ -407,6 +411,7 @@ class JobQueue(Protocol):
         now: float | None = None,
         *,
         peak_vram_gib: float | None = None,
+        lent_slots: Sequence[str] = (),
     ) -> str: ...
     def complete(
         self,

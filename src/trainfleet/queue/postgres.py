@@ -92,6 +92,7 @@ ALTER TABLE jobs ADD COLUMN checkpoint_id text;
 ALTER TABLE jobs ADD COLUMN checkpoint_at float8;
 ALTER TABLE jobs ADD COLUMN gpus integer NOT NULL DEFAULT 0;
 UPDATE jobs SET gpus = 1 WHERE require_cuda;
+ALTER TABLE workers ADD COLUMN lent_to_job text;
 """,
 }
 HEX = set("0123456789abcdef")
@@ -133,7 +134,8 @@ WHERE {HOSTS_CURRENT}
 ON CONFLICT (worker_id) DO UPDATE SET
     hostname = excluded.hostname, capability = excluded.capability,
     allow_jobs = excluded.allow_jobs, deny_jobs = excluded.deny_jobs,
-    slot_vram_gib = excluded.slot_vram_gib, last_seen = excluded.last_seen
+    slot_vram_gib = excluded.slot_vram_gib, last_seen = excluded.last_seen,
+    lent_to_job = NULL
 """)
 
 # The claim: one statement picks the best eligible pending job, skipping rows other claims
@@ -394,7 +396,8 @@ WITH old AS (
                THEN %(now)s ELSE j.progress_at END
     FROM old
     WHERE j.job_id = old.job_id AND j.status IN ('claimed', 'running')
-    RETURNING j.job_id, j.attempts, j.worker_id, j.heartbeat_at AS at, old.status AS was
+    RETURNING j.job_id, j.attempts, j.worker_id, j.hostname, j.heartbeat_at AS at,
+              old.status AS was
 ), seen AS (
     UPDATE workers AS w SET last_seen = b.at FROM beat AS b WHERE w.worker_id = b.worker_id
 ), peak AS (
@@ -408,6 +411,19 @@ WITH old AS (
 )
 SELECT job_id FROM beat
 """)
+# A heartbeat's lent_slots: the sibling slots its job borrowed are seen, and lent to the job;
+# only slots of the job's own host (a worker vouches for no other host's).
+MARK_LENT = """
+UPDATE workers SET last_seen = %(now)s, lent_to_job = %(job_id)s
+WHERE worker_id = ANY(%(lent)s::text[]) AND hostname = %(hostname)s
+  AND worker_id <> %(worker_id)s
+"""
+# HEARTBEAT_LIVE with MARK_LENT, still one statement: only for a heartbeat that names some.
+HEARTBEAT_LIVE_LENT = HEARTBEAT_LIVE.replace("), peak AS (", """), lent AS (
+    UPDATE workers AS w SET last_seen = b.at, lent_to_job = b.job_id FROM beat AS b
+    WHERE w.worker_id = ANY(%(lent)s::text[]) AND w.hostname = b.hostname
+      AND w.worker_id <> b.worker_id
+), peak AS (""", 1)
 COMPLETE_LIVE = _db_clock(f"""
 WITH done AS (
     UPDATE jobs SET status = 'completed', artifact_id = %(artifact_id)s::text,
@@ -938,14 +954,16 @@ class PostgresQueue:
         now: float | None = None,
         *,
         peak_vram_gib: float | None = None,
+        lent_slots: Sequence[str] = (),
     ) -> str:
         """Record liveness and progress (and the attempt's peak VRAM); "cancel" when an
-        operator cancelled the job."""
+        operator cancelled the job. The `lent_slots` of its host are seen and lent to it."""
+        lent = list(lent_slots)
         with self._connection() as conn:
-            beat = conn.execute(HEARTBEAT_LIVE, {
+            beat = conn.execute(HEARTBEAT_LIVE_LENT if lent else HEARTBEAT_LIVE, {
                 "job_id": job_id, "lease": lease, "now": now, "log_tail": log_tail,
                 "progress": None if progress is None else Jsonb(dict(progress)),
-                "peak": peak_vram_gib}).fetchone()
+                "peak": peak_vram_gib, "lent": lent}).fetchone()
         if beat is not None:
             return "continue"
         with self._tx() as conn:
@@ -966,6 +984,10 @@ class PostgresQueue:
             conn.execute(
                 "UPDATE workers SET last_seen = %s WHERE worker_id = %s", (now, row["worker_id"])
             )
+            if lent:
+                conn.execute(MARK_LENT, {"now": now, "job_id": job_id, "lent": lent,
+                                         "hostname": row["hostname"],
+                                         "worker_id": row["worker_id"]})
             if peak_vram_gib is not None:
                 conn.execute(RECORD_PEAK, (peak_vram_gib, job_id, row["attempts"]))
             if row["status"] == Status.CLAIMED:
@@ -1322,6 +1344,7 @@ class PostgresQueue:
             "ORDER BY job_id"
         ):
             held.setdefault(r["worker_id"], []).append((r["job_id"], r["name"]))
+        live = {job_id: name for jobs in held.values() for job_id, name in jobs}
         rows = conn.execute(
             f"SELECT w.*, w.last_seen >= {CLOCK} - %(stale_after_s)s AS alive, "
             "h.quarantined_until, h.quarantine_reason FROM workers AS w "
@@ -1343,6 +1366,7 @@ class PostgresQueue:
                 job_names=tuple(name for _, name in held.get(r["worker_id"], ())),
                 quarantined_until=r["quarantined_until"],
                 quarantine_reason=r["quarantine_reason"],
+                lent_to=live.get(r["lent_to_job"] or ""),
             )
             for r in rows
         ])

@@ -118,7 +118,8 @@ CREATE TABLE IF NOT EXISTS workers (
     cuda          boolean GENERATED ALWAYS AS
                       (coalesce((capability ->> 'cuda')::boolean, false)) STORED,
     ram_gib       float8 GENERATED ALWAYS AS
-                      (coalesce((capability ->> 'ram_gib')::float8, 0)) STORED
+                      (coalesce((capability ->> 'ram_gib')::float8, 0)) STORED,
+    lent_to_job   text                           -- the job a sibling slot borrowed it for
 );
 CREATE INDEX IF NOT EXISTS workers_live_cuda ON workers (last_seen) WHERE cuda;
 

@@ -88,6 +88,7 @@ DROP INDEX IF EXISTS attempts_host;
 CREATE INDEX attempts_host ON attempts (hostname, ended_at) WHERE ended_at IS NOT NULL;
 DROP INDEX IF EXISTS jobs_pending_cpu;
 DROP INDEX IF EXISTS jobs_pending_cuda;
+ALTER TABLE workers ADD COLUMN lent_to_job TEXT;
 """,
 }
 HEX = set("0123456789abcdef")
@@ -163,7 +164,15 @@ VALUES (:worker_id, :hostname, :capability, :allow, :deny, :vram, :now, :now)
 ON CONFLICT (worker_id) DO UPDATE SET
     hostname = excluded.hostname, capability = excluded.capability,
     allow_jobs = excluded.allow_jobs, deny_jobs = excluded.deny_jobs,
-    slot_vram_gib = excluded.slot_vram_gib, last_seen = excluded.last_seen
+    slot_vram_gib = excluded.slot_vram_gib, last_seen = excluded.last_seen,
+    lent_to_job = NULL
+"""
+# A heartbeat's lent_slots: the sibling slots its job borrowed are seen, and lent to the job;
+# only slots of the job's own host (a worker vouches for no other host's).
+MARK_LENT = """
+UPDATE workers SET last_seen = :now, lent_to_job = :job_id
+WHERE worker_id IN (SELECT value FROM json_each(:lent)) AND hostname = :hostname
+  AND worker_id != :worker_id
 """
 
 INSERT_JOB = """
@@ -863,9 +872,10 @@ class SqliteQueue:
         now: float | None = None,
         *,
         peak_vram_gib: float | None = None,
+        lent_slots: Sequence[str] = (),
     ) -> str:
         """Record liveness and progress (and the attempt's peak VRAM); "cancel" when an
-        operator cancelled the job."""
+        operator cancelled the job. The `lent_slots` of its host are seen and lent to it."""
         now = time.time() if now is None else now
         with self._write(durable=False) as db:
             row = self._row(db, job_id)
@@ -885,6 +895,13 @@ class SqliteQueue:
                 db.execute(
                     "UPDATE workers SET last_seen = ? WHERE worker_id = ?", (now, row["worker_id"])
                 )
+            if lent_slots:
+                db.execute(MARK_LENT, {"now": now, "job_id": job_id,
+                                       "lent": _dumps(list(lent_slots)),
+                                       "hostname": row["hostname"],
+                                       "worker_id": row["worker_id"]})
+                for worker_id in lent_slots:  # its next claim rewrites its row, lent_to_job too
+                    self._seen.pop(worker_id, None)
             if peak_vram_gib is not None:
                 db.execute(RECORD_PEAK, (peak_vram_gib, job_id, row["attempts"]))
             if row["status"] == Status.CLAIMED:
@@ -1202,6 +1219,7 @@ class SqliteQueue:
             "WHERE status IN ('claimed', 'running') ORDER BY job_id"
         ):
             held.setdefault(r["worker_id"], []).append((r["job_id"], r["name"]))
+        live = {job_id: name for jobs in held.values() for job_id, name in jobs}
         workers = []
         for r in db.execute(
             "SELECT w.*, h.quarantined_until, h.quarantine_reason FROM workers AS w "
@@ -1221,6 +1239,7 @@ class SqliteQueue:
                 job_names=tuple(name for _, name in held.get(r["worker_id"], ())),
                 quarantined_until=r["quarantined_until"],
                 quarantine_reason=r["quarantine_reason"],
+                lent_to=live.get(r["lent_to_job"] or ""),
             ))
         return with_host_gpus(workers)
 

@@ -120,7 +120,8 @@ CREATE TABLE IF NOT EXISTS workers (
     deny_jobs     TEXT NOT NULL,               -- JSON array
     slot_vram_gib REAL NOT NULL,
     first_seen    REAL NOT NULL,
-    last_seen     REAL NOT NULL
+    last_seen     REAL NOT NULL,
+    lent_to_job   TEXT                         -- the job a sibling slot borrowed it for
 );
 
 -- Per-host worker tokens and one-time enrollment codes. Only sha256 hashes are stored.

@@ -259,7 +259,8 @@ async def heartbeat(
     job_id = _fenced_job(state, job_ref, body.lease, body.attempt)
     progress = body.progress.model_dump(exclude_none=True) if body.progress else None
     action = state.queue.heartbeat(job_id, body.lease, progress, body.log_tail,
-                                   state.queue_now(), peak_vram_gib=body.peak_vram_gib)
+                                   state.queue_now(), peak_vram_gib=body.peak_vram_gib,
+                                   lent_slots=body.lent_slots)
     state.metrics.heartbeats.inc()
     return s.HeartbeatOut(action=action)  # type: ignore[arg-type]
 

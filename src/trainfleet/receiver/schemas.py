@@ -17,6 +17,7 @@ Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
 LEASE_PATTERN = r"^[!-~]+$"
 Lease = Field(min_length=1, max_length=128, pattern=LEASE_PATTERN)
 FreeGib = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+WorkerId = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class Strict(BaseModel):
@@ -88,6 +89,9 @@ class HeartbeatRequest(Strict):
     log_tail: str | None = Field(default=None, max_length=64 * 1024)
     #: the most GPU memory the trainer held so far (sampled by the worker), kept per attempt
     peak_vram_gib: float | None = Field(default=None, ge=0)
+    #: the worker ids of the sibling slots (same host) the job borrowed GPUs from: they make
+    #: no calls while it runs, so this heartbeat marks them seen and lent to the job
+    lent_slots: list[WorkerId] = Field(default=[], max_length=64)
 
 
 class CompleteRequest(Strict):
@@ -236,6 +240,8 @@ class WorkerOut(BaseModel):
     quarantine_reason: str | None = None
     job_names: list[str] = []  #: the names of `jobs`, in the same order
     host_gpus: int = 0  #: the GPUs its host has, as its slots reported them
+    #: the live job a sibling slot borrowed this slot's GPU for (its name), or None
+    lent_to: str | None = None
 
 
 class WorkersOut(BaseModel):
