@@ -43,6 +43,7 @@ def _receiver(spec: dict[str, Any]) -> Any:
         # A what-if the product has no setting for: the queue's one connection, reached
         # from outside. Results say so next to every figure it touches.
         queue = app.state.receiver.queue
+        queue._synchronous = synchronous.upper()  # what a heartbeat restores after its commit
         queue._db.execute(f"PRAGMA synchronous = {synchronous}")
     return app
 

@@ -7,6 +7,7 @@ import json
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Protocol
@@ -136,7 +137,7 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         # A shallow copy: asdict's recursive deep copy was a tenth of a claim's cost.
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data = {name: getattr(self, name) for name in JOB_FIELDS}
         data["status"] = self.status.value
         data["hyper"] = dict(self.hyper)
         data["progress"] = None if self.progress is None else dict(self.progress)
@@ -147,6 +148,10 @@ class Job:
         data["effective_vram_gib"] = self.effective_vram_gib
         data["effective_ram_gib"] = self.effective_ram_gib
         return data
+
+
+#: Job's field names, read on every claim, heartbeat and completion (fields() is slow).
+JOB_FIELDS = tuple(f.name for f in fields(Job))
 
 
 @dataclass(frozen=True)
@@ -361,7 +366,7 @@ JSON_COLUMNS = ("hyper", "progress", "metrics", *_TUPLE_COLUMNS)
 
 def job_from_row(row: Mapping[str, Any]) -> Job:
     """The Job of one jobs row whose JSON columns are already decoded (every backend)."""
-    fields = {f.name: row[f.name] for f in dataclasses.fields(Job)}
+    fields = {name: row[name] for name in JOB_FIELDS}
     for name in _TUPLE_COLUMNS:
         fields[name] = tuple(fields[name])
     for name in _BOOL_COLUMNS:
@@ -501,4 +506,8 @@ class JobQueue(Protocol):
     ) -> TokenInfo: ...
     def list_tokens(self) -> list[TokenInfo]: ...
     def revoke_host(self, hostname: str, now: float | None = None) -> RevokeResult: ...
+    # grouped: the writes a request makes inside it may share one COMMIT with the other
+    # requests of this turn of the event loop, and it returns only once they are committed
+    # (group_commit.py); a backend without group commit does nothing.
+    def grouped(self) -> AbstractAsyncContextManager[None]: ...
     def close(self) -> None: ...

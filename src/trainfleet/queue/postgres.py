@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from importlib import resources
 from typing import Any
 
@@ -1482,6 +1482,10 @@ class PostgresQueue:
         self._finish(conn, row, retry, FailureKind.LOST_WORKER.value, error,
                      row["attempts_charged"], lost, now)
         return str(row["job_id"])
+
+    def grouped(self) -> AbstractAsyncContextManager[None]:
+        """Nothing to group: each call commits on a pooled connection of its own."""
+        return nullcontext()
 
     def close(self) -> None:
         self._pool.close()

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +32,7 @@ from trainfleet.errors import (
 )
 from trainfleet.failures import Cause
 from trainfleet.manifest import HostSpec, JobSpec, Manifest
+from trainfleet.queue import group_commit
 from trainfleet.queue import retry as retry_policy
 from trainfleet.queue.base import (
     CHARGED,
@@ -62,6 +63,7 @@ from trainfleet.queue.base import (
 from trainfleet.tokens import TokenKind
 
 SCHEMA_VERSION = 3
+MAX_GROUP_TURNS = 4  #: a group waits at most this many turns of the loop for more writes
 #: Upgrade steps: MIGRATIONS[v] takes schema v-1 to v. sqlite.sql is always the newest schema.
 MIGRATIONS: dict[int, str] = {
     2: """
@@ -439,6 +441,7 @@ class SqliteQueue:
         self._registered: dict[str, tuple[Capability, matching.Policy, float]] = {}
         self._seen: dict[str, float] = {}
         self._seen_every_s = min(SEEN_EVERY_S, stale_after_s / 10)
+        self._group: group_commit.Group | None = None  #: the open group commit, if any
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=60.0
         )
@@ -462,9 +465,18 @@ class SqliteQueue:
 
         `durable=False` commits without an fsync (synchronous=NORMAL, for heartbeats): a
         power cut may lose it, a process crash may not, and the next durable commit
-        syncs it anyway.
+        syncs it anyway. Inside `grouped()` every write opens or joins the loop's group
+        instead (group_commit.py), a heartbeat too: sharing the group's fsync costs less
+        than a commit of its own (bench/README.md); anywhere else an open group is
+        committed first.
         """
+        joining = group_commit.member()
         with self._lock:
+            if joining is not None:
+                with self._joined(joining) as db:
+                    yield db
+                return
+            self._commit_group()
             if not durable and self._synchronous != "NORMAL":
                 self._db.execute("PRAGMA synchronous = NORMAL")
             try:
@@ -480,6 +492,56 @@ class SqliteQueue:
             finally:
                 if not durable and self._synchronous != "NORMAL":
                     self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
+
+    @contextmanager
+    def _joined(self, joining: group_commit.Member) -> Iterator[sqlite3.Connection]:
+        """This write as a savepoint in the open group, which commits (with an fsync, at
+        synchronous=FULL) once a turn of the loop adds no write to it."""
+        group = self._group
+        if group is None:
+            self._db.execute("BEGIN IMMEDIATE")
+            group = self._group = group_commit.Group.open(joining)
+            joining.loop.call_soon(self._commit_when_quiet, group, 0, 0)
+        if not joining.groups or joining.groups[-1] is not group:
+            joining.groups.append(group)
+        group.writes += 1
+        self._db.execute("SAVEPOINT write")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK TO write")
+            self._db.execute("RELEASE write")
+            self._registered.clear()  # what they remember may not have been written
+            self._seen.clear()
+            raise
+        self._db.execute("RELEASE write")
+
+    def _commit_when_quiet(self, group: group_commit.Group, seen: int, turns: int) -> None:
+        """Commit `group` at the first turn of the loop in which no write joined it."""
+        if group is not self._group:
+            return
+        if group.writes > seen and turns < MAX_GROUP_TURNS:
+            group.loop.call_soon(self._commit_when_quiet, group, group.writes, turns + 1)
+            return
+        self._commit_group(group)
+
+    def _commit_group(self, group: group_commit.Group | None = None) -> None:
+        """Commit the open group (only `group`, when given: it may be long gone) and tell
+        its members; a failed COMMIT fails them all and forgets what the group wrote."""
+        with self._lock:
+            if self._group is None or (group is not None and self._group is not group):
+                return
+            group, self._group = self._group, None
+            error: BaseException | None = None
+            try:
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                error = exc
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._registered.clear()
+                self._seen.clear()
+            group.settle(error)
 
     def _migrate(self) -> None:
         schema = resources.files("trainfleet.queue").joinpath("sqlite.sql").read_text()
@@ -1330,6 +1392,12 @@ class SqliteQueue:
             requeued = tuple(self._lose(db, row, now, why) for row in live)
         return RevokeResult(hostname, len(active), requeued)
 
+    def grouped(self) -> AbstractAsyncContextManager[None]:
+        """Let a request's writes share one COMMIT with the others of this turn of the
+        event loop; it waits for that COMMIT on the way out (group_commit.py)."""
+        return group_commit.grouped()
+
     def close(self) -> None:
         with self._lock:
+            self._commit_group()
             self._db.close()

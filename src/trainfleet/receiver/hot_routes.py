@@ -90,7 +90,10 @@ class HotLane:
         scope["path_params"] = {} if ref is None else {"job_ref": ref}
         request = Request(scope, receive)
         try:
-            response = await self._answer(request, route, endpoint, ref)
+            # The queue writes of the requests served in this turn of the loop share one
+            # COMMIT; the answer goes out once it is done (queue/group_commit.py).
+            async with routes._state(request).queue.grouped():
+                response = await self._answer(request, route, endpoint, ref)
         except Exception as exc:  # what FastAPI's ExceptionMiddleware does with it
             response = await self._handled(request, exc)
         await response(scope, receive, send)
