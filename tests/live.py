@@ -21,7 +21,13 @@ READY_DEADLINE_S = 10.0
 @contextmanager
 def serving(settings: ReceiverSettings, **options: Any) -> Iterator[tuple[str, int]]:
     """Run create_app(settings, **options) in uvicorn on a thread until the block ends."""
-    app = create_app(settings, **options)
+    with serving_app(create_app(settings, **options)) as address:
+        yield address
+
+
+@contextmanager
+def serving_app(app: Any) -> Iterator[tuple[str, int]]:
+    """Run this receiver app in uvicorn on a thread until the block ends."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind(("127.0.0.1", 0))

@@ -57,6 +57,9 @@ class Member:
     groups: list[Group] = field(default_factory=list)
 
 
+#: A group waits at most this many turns of the loop for more writes before it commits.
+MAX_TURNS = 4
+
 _MEMBER: ContextVar[Member | None] = ContextVar("trainfleet_group_member", default=None)
 
 

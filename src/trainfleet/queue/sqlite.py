@@ -63,7 +63,6 @@ from trainfleet.queue.base import (
 from trainfleet.tokens import TokenKind
 
 SCHEMA_VERSION = 3
-MAX_GROUP_TURNS = 4  #: a group waits at most this many turns of the loop for more writes
 #: Upgrade steps: MIGRATIONS[v] takes schema v-1 to v. sqlite.sql is always the newest schema.
 MIGRATIONS: dict[int, str] = {
     2: """
@@ -466,9 +465,9 @@ class SqliteQueue:
         `durable=False` commits without an fsync (synchronous=NORMAL, for heartbeats): a
         power cut may lose it, a process crash may not, and the next durable commit
         syncs it anyway. Inside `grouped()` every write opens or joins the loop's group
-        instead (group_commit.py), a heartbeat too: sharing the group's fsync costs less
-        than a commit of its own (bench/README.md); anywhere else an open group is
-        committed first.
+        instead (group_commit.py), a heartbeat too: a share of the group's fsync cost less
+        than a commit of its own (bench/README.md, group commit); anywhere else an open
+        group is committed first.
         """
         joining = group_commit.member()
         with self._lock:
@@ -484,14 +483,29 @@ class SqliteQueue:
                 try:
                     yield self._db
                 except BaseException:
-                    self._db.execute("ROLLBACK")
-                    self._registered.clear()  # what they remember may not have been written
-                    self._seen.clear()
+                    if self._db.in_transaction:  # a full disk may have rolled it back already
+                        self._db.execute("ROLLBACK")
+                    self._forget()
                     raise
                 self._db.execute("COMMIT")
             finally:
                 if not durable and self._synchronous != "NORMAL":
                     self._db.execute(f"PRAGMA synchronous = {self._synchronous}")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for reads: they see an open group's writes, so a grouped request
+        waits for that group's COMMIT before it answers, and any other caller commits the
+        group first. No answer rests on a write that may not become durable."""
+        joining = group_commit.member()
+        with self._lock:
+            group = self._group
+            if group is not None:
+                if joining is None:
+                    self._commit_group()
+                elif not joining.groups or joining.groups[-1] is not group:
+                    joining.groups.append(group)
+            yield self._db
 
     @contextmanager
     def _joined(self, joining: group_commit.Member) -> Iterator[sqlite3.Connection]:
@@ -508,11 +522,14 @@ class SqliteQueue:
         self._db.execute("SAVEPOINT write")
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK TO write")
-            self._db.execute("RELEASE write")
-            self._registered.clear()  # what they remember may not have been written
-            self._seen.clear()
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK TO write")
+                self._db.execute("RELEASE write")
+            else:  # SQLite rolled the whole group back (a full disk, an I/O error)
+                self._group = None
+                group.settle(exc)
+            self._forget()
             raise
         self._db.execute("RELEASE write")
 
@@ -520,7 +537,7 @@ class SqliteQueue:
         """Commit `group` at the first turn of the loop in which no write joined it."""
         if group is not self._group:
             return
-        if group.writes > seen and turns < MAX_GROUP_TURNS:
+        if group.writes > seen and turns < group_commit.MAX_TURNS:
             group.loop.call_soon(self._commit_when_quiet, group, group.writes, turns + 1)
             return
         self._commit_group(group)
@@ -537,11 +554,19 @@ class SqliteQueue:
                 self._db.execute("COMMIT")
             except BaseException as exc:
                 error = exc
+                self._forget()
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                self._registered.clear()
-                self._seen.clear()
-            group.settle(error)
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the COMMIT's error is the one to tell
+            finally:
+                group.settle(error)  # whatever happened, nobody is left waiting
+
+    def _forget(self) -> None:
+        """After a rollback: what the caches remember may not have been written."""
+        self._registered.clear()
+        self._seen.clear()
 
     def _migrate(self) -> None:
         schema = resources.files("trainfleet.queue").joinpath("sqlite.sql").read_text()
@@ -1164,7 +1189,7 @@ class SqliteQueue:
 
     def attempt_lease_matches(self, job_id: str, attempt: int, lease: str) -> bool:
         """Whether `lease` was handed out for that attempt (logs arrive after the attempt ends)."""
-        with self._lock:
+        with self._read():
             row = self._db.execute(
                 "SELECT lease FROM attempts WHERE job_id = ? AND attempt = ?", (job_id, attempt)
             ).fetchone()
@@ -1172,7 +1197,7 @@ class SqliteQueue:
 
     def log_tail(self, job_id: str) -> str | None:
         """The log tail of the latest heartbeat."""
-        with self._lock:
+        with self._read():
             row = self._row(self._db, job_id)
         return cast(str | None, row["log_tail"])
 
@@ -1214,14 +1239,14 @@ class SqliteQueue:
     # -- reads ------------------------------------------------------------
 
     def get(self, job_id: str) -> Job:
-        with self._lock:
+        with self._read():
             return _job(self._row(self._db, job_id))
 
     def resolve(self, ref: str) -> str:
         """A job id from a name, a full id or a unique id prefix of at least 8 hex digits."""
         low = ref.lower()
         prefix = low if 8 <= len(low) <= 64 and set(low) <= HEX else None
-        with self._lock:  # names first, then id prefixes: one statement for both
+        with self._read():  # names first, then id prefixes: one statement for both
             found = self._db.execute(RESOLVE, {
                 "name": ref, "low": prefix, "high": None if prefix is None else prefix + "g"
             }).fetchall()
@@ -1241,7 +1266,7 @@ class SqliteQueue:
             raise BadRequest(
                 f"status: expected one of {', '.join(s.value for s in Status)}, got {status!r}"
             )
-        with self._lock:
+        with self._read():
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE (:status IS NULL OR status = :status) "
                 "AND (:model IS NULL OR model = :model) AND (:host IS NULL OR hostname = :host) "
@@ -1251,7 +1276,7 @@ class SqliteQueue:
         return [_job(row) for row in rows]
 
     def history(self, job_id: str) -> list[Event]:
-        with self._lock:
+        with self._read():
             rows = self._db.execute(
                 "SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)
             ).fetchall()
@@ -1262,7 +1287,7 @@ class SqliteQueue:
         ]
 
     def attempts(self, job_id: str) -> list[Attempt]:
-        with self._lock:
+        with self._read():
             rows = self._db.execute(
                 "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
             ).fetchall()
@@ -1270,7 +1295,7 @@ class SqliteQueue:
 
     def workers(self, now: float | None = None) -> list[WorkerInfo]:
         now = time.time() if now is None else now
-        with self._lock:
+        with self._read():
             return self._workers(self._db, now)
 
     def _workers(self, db: sqlite3.Connection, now: float) -> list[WorkerInfo]:
@@ -1306,7 +1331,7 @@ class SqliteQueue:
         return with_host_gpus(workers)
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
+        with self._read():
             rows = self._db.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status")
             found = {r["status"]: r["n"] for r in rows}
         return {s.value: found.get(s.value, 0) for s in Status}
@@ -1338,7 +1363,7 @@ class SqliteQueue:
     def lookup_token(self, token_hash: str, now: float | None = None) -> TokenInfo | None:
         """The token stored under this hash, if it is active now; None otherwise."""
         now = time.time() if now is None else now
-        with self._lock:
+        with self._read():
             row = self._db.execute(
                 "SELECT * FROM tokens WHERE token_hash = ?", (token_hash,)
             ).fetchone()
@@ -1348,14 +1373,14 @@ class SqliteQueue:
     def touch_token(self, token_hash: str, now: float | None = None) -> None:
         """Record a use of the token (one statement; callers throttle it)."""
         now = time.time() if now is None else now
-        with self._lock:
+        with self._write(durable=False):
             self._db.execute(
                 "UPDATE tokens SET last_used_at = ? WHERE token_hash = ?", (now, token_hash)
             )
 
     def has_worker_tokens(self) -> bool:
         """Whether a per-host worker token was ever issued (then worker calls need a token)."""
-        with self._lock:
+        with self._read():
             return bool(self._db.execute(ANY_WORKER_TOKEN).fetchone()[0])
 
     def redeem_enroll_code(
@@ -1371,7 +1396,7 @@ class SqliteQueue:
 
     def list_tokens(self) -> list[TokenInfo]:
         """Every token and code ever made, revoked ones included, by host then age."""
-        with self._lock:
+        with self._read():
             rows = self._db.execute(
                 "SELECT * FROM tokens ORDER BY hostname, created_at, token_hash"
             ).fetchall()

@@ -7,6 +7,7 @@ and several receivers in one process never share state.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sqlite3
 import time
@@ -54,6 +55,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(_sweep_forever(state))
+        # What the receiver built to start (its modules, the manifest) lives as long as it
+        # does: kept out of the garbage collector's sight, a full collection no longer walks
+        # it, which had stopped the event loop for 35-50 ms (bench/README.md, group commit).
+        gc.collect()  # what is garbage already is freed, not frozen
+        gc.freeze()
         try:
             yield
         finally:

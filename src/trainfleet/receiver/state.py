@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -65,6 +66,8 @@ class ReceiverState:
         manifest = manifest_mod.load(self.settings.manifest_path)
         result = self.queue.sync_manifest(manifest, now=self.queue_now())
         self.manifest = manifest
+        gc.collect()  # the new manifest too lives until the next reload (see app.lifespan)
+        gc.freeze()
         return result
 
     def sweep(self) -> list[str]:
