@@ -9,15 +9,17 @@ live in the database, so a reload through any receiver is seen by all.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
+from psycopg.abc import Buffer
 from psycopg.rows import DictRow, dict_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, JsonbBinaryLoader
 from psycopg_pool import ConnectionPool
 
 from trainfleet import matching
@@ -125,12 +127,26 @@ SELECT (SELECT md5(value) FROM meta WHERE key = 'hosts') AS hosts_md5,
 """
 UNREAD = "unread"  #: the cache key before the policies were first read: no md5 is this
 
+# The worker registry, as SqliteQueue keeps it: a claim rewrites the worker's row when its
+# registration changed, when it was lent, or when last_seen is due (every `seen_every_s`, as
+# SqliteQueue.SEEN_EVERY_S); otherwise the row stays as it is. The row is the worker's
+# whole registration, so the test reads it, not a receiver's memory: right with several
+# receivers. A row rewritten on every claim and heartbeat cost a non-HOT update (last_seen
+# is indexed) and 5 WAL records per cycle.
+SEEN_EVERY_S = 1.0
+SEEN_RECENTLY = "(%(now)s - {w}.last_seen >= 0 AND %(now)s - {w}.last_seen < %(seen_every_s)s)"
 UPSERT_WORKER = _db_clock(f"""
 INSERT INTO workers (worker_id, hostname, capability, allow_jobs, deny_jobs, slot_vram_gib,
                      first_seen, last_seen)
 SELECT %(worker_id)s::text, %(hostname)s::text, %(capability)s::jsonb, %(allow_json)s::jsonb,
-       %(deny_json)s::jsonb, %(vram)s::float8, %(now)s, %(now)s
-WHERE {HOSTS_CURRENT}
+       %(deny_json)s::jsonb, %(slot_vram)s::float8, %(now)s, %(now)s
+WHERE {HOSTS_CURRENT} AND NOT EXISTS (
+    SELECT 1 FROM workers AS r
+    WHERE r.worker_id = %(worker_id)s::text AND r.hostname = %(hostname)s::text
+      AND r.capability = %(capability)s::jsonb
+      AND r.allow_jobs IS NOT DISTINCT FROM %(allow_json)s::jsonb
+      AND r.deny_jobs = %(deny_json)s::jsonb AND r.slot_vram_gib = %(slot_vram)s::float8
+      AND r.lent_to_job IS NULL AND {SEEN_RECENTLY.format(w="r")})
 ON CONFLICT (worker_id) DO UPDATE SET
     hostname = excluded.hostname, capability = excluded.capability,
     allow_jobs = excluded.allow_jobs, deny_jobs = excluded.deny_jobs,
@@ -145,7 +161,10 @@ ON CONFLICT (worker_id) DO UPDATE SET
 # no live CUDA worker that could run it has been seen within stale_after_s; a slot on a host
 # the job failed on may take it only after prefer_wait_s, or when no live worker on another
 # host could run it. A quarantined host claims nothing and counts as no place to go. A
-# property test holds the two together.
+# property test holds the two together. The slot's own registry row is left out of the
+# fleet it looks at: the same statement writes it (CLAIM_CALLS) and cannot see that write,
+# and once written it never counts (a CPU slot is no CUDA worker; a slot on a host the job
+# avoids is not elsewhere).
 CLAIM = _db_clock(f"""
 WITH picked AS (
     UPDATE jobs SET status = 'claimed', lease = %(lease)s, attempts = attempts + 1,
@@ -171,6 +190,7 @@ WITH picked AS (
                OR NOT EXISTS (
                    SELECT 1 FROM workers AS w
                    WHERE w.cuda AND w.last_seen >= %(now)s - %(stale_after_s)s
+                     AND w.worker_id <> %(worker_id)s::text
                      AND NOT EXISTS (SELECT 1 FROM hosts AS h WHERE h.hostname = w.hostname
                                                                 AND h.quarantined_until > %(now)s)
                      AND (w.allow_jobs IS NULL OR w.allow_jobs ? j.model)
@@ -183,6 +203,7 @@ WITH picked AS (
                OR NOT EXISTS (
                    SELECT 1 FROM workers AS w
                    WHERE w.last_seen >= %(now)s - %(stale_after_s)s
+                     AND w.worker_id <> %(worker_id)s::text
                      AND NOT (j.avoid_hosts ? w.hostname)
                      AND NOT EXISTS (SELECT 1 FROM hosts AS h WHERE h.hostname = w.hostname
                                                                 AND h.quarantined_until > %(now)s)
@@ -190,7 +211,8 @@ WITH picked AS (
                      AND (j.gpus <= 1 OR j.gpus <= (
                          SELECT count(DISTINCT g ->> 'index') FROM workers AS o,
                                 jsonb_array_elements(o.capability -> 'gpus') AS g
-                         WHERE o.hostname = w.hostname AND o.cuda))
+                         WHERE o.hostname = w.hostname AND o.cuda
+                           AND o.worker_id <> %(worker_id)s::text))
                      AND (w.allow_jobs IS NULL OR w.allow_jobs ? j.model)
                      AND NOT (w.deny_jobs ? j.model)
                      AND greatest(j.min_vram_gib, j.raised_vram_gib) <= w.slot_vram_gib
@@ -238,28 +260,33 @@ def _held(claim: str) -> str:
 
 CLAIM_HELD = _held(CLAIM)
 
-# Before it picks, a claim makes the unschedulable jobs its slot can run pending again (the
-# hard constraints of CLAIM). Rows another transaction holds are left to it.
-RESTORE_FOR_SLOT = _db_clock(f"""
-WITH restored AS (
-    UPDATE jobs SET status = 'pending', error = NULL, updated_at = %(now)s
-    WHERE job_id IN (
+# The unschedulable jobs a slot could run: the hard constraints of CLAIM, on the slot's
+# whole memory. Before it picks, a claim makes them pending again (RESTORE_FOR_SLOT): each
+# claim looks (usually none, found at once), and only a claim that finds some restores them.
+UNSCHEDULABLE_FOR_SLOT = _db_clock(f"""
         SELECT j.job_id FROM jobs AS j
         WHERE j.status = 'unschedulable' AND NOT j.orphaned AND {HOSTS_CURRENT}
           AND (NOT j.require_cuda OR %(cuda)s)
           AND j.gpus <= %(gpus)s
-          AND greatest(j.min_vram_gib, j.raised_vram_gib) <= %(vram)s
+          AND greatest(j.min_vram_gib, j.raised_vram_gib) <= %(slot_vram)s
           AND greatest(j.min_ram_gib, j.raised_ram_gib) <= %(ram)s
           AND (j.allowed_hosts = '[]' OR j.allowed_hosts ? %(hostname)s)
           AND (%(allow)s::text[] IS NULL OR j.model = ANY (%(allow)s::text[]))
-          AND NOT (j.model = ANY (%(deny)s::text[]))
+          AND NOT (j.model = ANY (%(deny)s::text[]))""")
+# Rows another transaction holds are left to it.
+RESTORE_FOR_SLOT = _db_clock(f"""
+WITH restored AS (
+    UPDATE jobs SET status = 'pending', error = NULL, updated_at = %(now)s
+    WHERE job_id IN ({UNSCHEDULABLE_FOR_SLOT}
         ORDER BY j.job_id
         FOR UPDATE SKIP LOCKED
     ) AND status = 'unschedulable'
     RETURNING job_id
+), schedulable AS (
+    INSERT INTO events (job_id, at, kind, worker_id)
+    SELECT job_id, %(now)s, 'schedulable', %(worker_id)s FROM restored
 )
-INSERT INTO events (job_id, at, kind, worker_id)
-SELECT job_id, %(now)s, 'schedulable', %(worker_id)s FROM restored
+SELECT count(*) AS restored FROM restored
 """)
 
 # A host's latest ended attempts since its last quarantine or release, newest first.
@@ -316,9 +343,71 @@ def _compact(sql: str) -> str:
     return " ".join(sql.split())
 
 
-#: CLAIM and CLAIM_HELD as sent, by (held, order)
+#: CLAIM and CLAIM_HELD alone, by (held, order): the pick each claim makes (CLAIM_CALLS)
 CLAIMS = {(held, order): _compact((CLAIM_HELD if held else CLAIM).format(order=order))
           for held in (False, True) for order in (ORDER_CPU, ORDER_CUDA)}
+
+# What a claim hands back besides the claimed row (NULLs when none): the host policies'
+# key, their text when it is not the caller's, the trainer command, and whether the slot has
+# unschedulable jobs to restore.
+CLAIM_RESULT = """
+SELECT (SELECT md5(value) FROM meta WHERE key = 'hosts') AS hosts_md5,
+       (SELECT value FROM meta WHERE key = 'hosts'
+        AND md5(value) IS DISTINCT FROM %(hosts_md5)s::text) AS hosts,
+       (SELECT value FROM meta WHERE key = 'trainer') AS trainer,
+       EXISTS (SELECT 1 FROM restorable) AS restorable, picked.*
+FROM (VALUES (1)) AS one LEFT JOIN picked ON true
+"""
+
+
+def _claim_call(claim: str) -> str:
+    """A whole claim as one statement: register the worker (UPSERT_WORKER), pick and mark
+    one job with its attempt and event (`claim`), read the settings (CLAIM_RESULT). One
+    round trip, one commit, no transaction block. With %(restore_first)s, it picks nothing
+    while the slot has unschedulable jobs to restore first (UNSCHEDULABLE_FOR_SLOT): then
+    claim_next restores them (RESTORE_FOR_SLOT) and claims again, without the test, so a
+    restored job competes by rank as if it had been pending. Restoring in this statement
+    would not do: all of a statement's parts see one snapshot, so its pick could not see
+    what it restored, and its setup cost every claim 0.03 ms of the server's CPU."""
+    body = claim.strip()
+    assert body.startswith("WITH ") and body.endswith("SELECT * FROM picked"), "CLAIM changed"
+    pick = "SELECT j.job_id FROM jobs AS j\n        WHERE j.status = 'pending' AND NOT j.orphaned"
+    assert body.count(pick) == 1, "CLAIM changed: update _claim_call"
+    body = body.replace(pick, pick + " AND NOT (%(restore_first)s::boolean"
+                        " AND EXISTS (SELECT 1 FROM restorable))")
+    ctes = body[len("WITH "):-len("SELECT * FROM picked")].rstrip()
+    return (f"WITH worker AS ({UPSERT_WORKER}), restorable AS ({UNSCHEDULABLE_FOR_SLOT}\n"
+            f"        LIMIT 1),\n{ctes}\n{CLAIM_RESULT}")
+
+
+class RawStatement(NamedTuple):
+    """A statement in PostgreSQL's own `$n` placeholders, converted once: psycopg converts
+    `%(name)s` on every call of one longer than 4 KiB (0.1 ms for a claim)."""
+
+    text: bytes
+    names: tuple[str, ...]  #: the parameter of each $n, in order
+
+    @classmethod
+    def of(cls, sql: str) -> RawStatement:
+        names: list[str] = []
+
+        def number(found: re.Match[str]) -> str:
+            if found[1] not in names:
+                names.append(found[1])
+            return f"${names.index(found[1]) + 1}"
+
+        text = PLACEHOLDER.sub(number, sql)
+        assert "%" not in text, "only %(name)s placeholders"
+        return cls(text.encode(), tuple(names))
+
+
+PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+RESTORE_CALL = RawStatement.of(RESTORE_FOR_SLOT)
+#: each claim as sent, by (held, order): one statement
+CLAIM_CALLS = {
+    key: RawStatement.of(_compact(_claim_call((CLAIM_HELD if key[0] else CLAIM).format(
+        order=key[1])))) for key in CLAIMS}
 
 # The stale sweep: one statement, safe to run from every receiver at once. SKIP LOCKED
 # leaves a job whose heartbeat is being written right now to that heartbeat, and a job
@@ -394,12 +483,14 @@ WITH old AS (
                     IS DISTINCT FROM (nullif(old.progress -> 'step', 'null'),
                                       nullif(old.progress -> 'fraction', 'null'))
                THEN %(now)s ELSE j.progress_at END
-    FROM old
-    WHERE j.job_id = old.job_id AND j.status IN ('claimed', 'running')
+    FROM old  -- keyed by the parameter: by old.job_id alone, the plan walked every live job
+    WHERE j.job_id = %(job_id)s AND j.job_id = old.job_id
+      AND j.status IN ('claimed', 'running')
     RETURNING j.job_id, j.attempts, j.worker_id, j.hostname, j.heartbeat_at AS at,
               old.status AS was
-), seen AS (
-    UPDATE workers AS w SET last_seen = b.at FROM beat AS b WHERE w.worker_id = b.worker_id
+), seen AS (  -- when due, as a claim's UPSERT_WORKER
+    UPDATE workers AS w SET last_seen = b.at FROM beat AS b
+    WHERE w.worker_id = b.worker_id AND NOT {SEEN_RECENTLY.format(w="w")}
 ), peak AS (
     UPDATE attempts AS a
     SET peak_vram_gib = greatest(coalesce(a.peak_vram_gib, 0), %(peak)s::float8)
@@ -437,8 +528,8 @@ WITH done AS (
            peak_vram_gib = CASE WHEN %(peak)s::float8 IS NULL THEN a.peak_vram_gib
                                 ELSE greatest(coalesce(a.peak_vram_gib, 0), %(peak)s::float8)
                            END
-    FROM done AS d
-    WHERE a.job_id = d.job_id AND a.attempt = d.attempts AND a.ended_at IS NULL
+    FROM done AS d  -- keyed by the parameter: a join on d.job_id alone was a seq scan
+    WHERE a.job_id = %(job_id)s AND a.attempt = d.attempts AND a.ended_at IS NULL
 ), logged AS (
     INSERT INTO events (job_id, at, kind, attempt, worker_id, detail)
     SELECT job_id, updated_at, 'completed', attempts, worker_id,
@@ -447,6 +538,21 @@ WITH done AS (
 )
 SELECT * FROM done
 """)
+
+
+def _without_peak(heartbeat: str) -> str:
+    """A heartbeat without its `peak` CTE, for the usual beat, which reports no peak: a CTE
+    that writes is set up on every execution, even one that writes nothing."""
+    start, end = heartbeat.index("), peak AS ("), heartbeat.index("), started AS (")
+    return heartbeat[:start] + heartbeat[end:]
+
+
+#: the usual heartbeat as sent, by (names lent slots, reports a peak); the usual completion
+HEARTBEAT_CALLS = {
+    (lent, peak): RawStatement.of(sql if peak else _without_peak(sql))
+    for lent, sql in ((False, HEARTBEAT_LIVE), (True, HEARTBEAT_LIVE_LENT))
+    for peak in (False, True)}
+COMPLETE_CALL = RawStatement.of(COMPLETE_LIVE)
 
 INSERT_JOB = """
 INSERT INTO jobs (job_id, name, model, mode, hyper, split_recipe, train_hosts, seed, priority,
@@ -624,12 +730,39 @@ def describe(url: str) -> str:
         f"{info.get('dbname') or ''}"
 
 
+class _JsonbLoader(JsonbBinaryLoader):
+    """jsonb in binary, with the empty list (most list columns of a job) read without the
+    JSON parser."""
+
+    def load(self, data: Buffer) -> Any:
+        return [] if data == b"\x01[]" else super().load(data)
+
+
+def _run_raw(conn: Conn, statement: RawStatement, params: Mapping[str, Any]) -> DictRow | None:
+    """Run `statement` with the named `params` in autocommit; its first row."""
+    with psycopg.RawCursor(conn) as cur:
+        return cur.execute(statement.text, [params[n] for n in statement.names],
+                           binary=True).fetchone()
+
+
 def _configure(conn: Conn) -> None:
     """Every pooled connection runs without JIT compilation. The claim's correlated
     subqueries make the planner's cost estimate huge, so with JIT on (PostgreSQL's default
     where LLVM is installed) each claim was compiled first: about 1 s of the server's CPU for
-    a statement that runs in 0.3 ms. Nothing this queue runs is long enough to gain from it."""
+    a statement that runs in 0.3 ms. Nothing this queue runs is long enough to gain from it.
+
+    They also run generic plans (planned once per prepared statement, not on every call):
+    a custom plan of the claim cost 0.7 ms of the server's CPU on every claim, and under
+    `auto` the server never switched to the generic one. The claim's plan does not depend on
+    its values (a test checks that it walks the partial index). The calls whose plan does,
+    a status as a parameter against the partial indexes, set CUSTOM_PLANS for themselves."""
     conn.execute("SET jit = off")
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    conn.adapters.register_loader("jsonb", _JsonbLoader)
+
+
+#: for a transaction whose statements are best planned with their values (see _configure)
+CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 
 
 class PostgresQueue:
@@ -646,6 +779,7 @@ class PostgresQueue:
         self.stale_after_s = stale_after_s
         self.failure_aware = failure_aware  #: False: the naive baseline, as in SqliteQueue
         self._worker_tokens_seen = False
+        self._seen_every_s = min(SEEN_EVERY_S, stale_after_s / 10)  #: as SqliteQueue's
         #: the manifest's host policies as last read, with the md5 of their text (see CLAIM)
         self._host_policies: tuple[str | None, dict[str, HostSpec]] = (UNREAD, {})
         self.schema_version = upgrade_schema(url)
@@ -868,6 +1002,7 @@ class PostgresQueue:
         held = host_gpus is not None and matching.reserves(offer, host_gpus)
         order = ORDER_CUDA if capability.cuda else ORDER_CPU
         lease = secrets.token_hex(16)
+        restore_first = True
         with self._connection() as conn:
             if self._host_policies[0] == UNREAD:
                 self._read_host_policies(conn)
@@ -879,42 +1014,33 @@ class PostgresQueue:
                 deny = sorted(policy.deny)
                 params = {
                     "lease": lease, "worker_id": worker_id, "hostname": capability.hostname,
-                    "now": now, "cuda": capability.cuda, "vram": vram,
+                    "now": now, "cuda": capability.cuda, "vram": offer.best_vram,
                     "ram": capability.ram_gib, "allow": allow, "deny": deny,
                     "stale_after_s": self.stale_after_s, "hosts_md5": hosts_md5,
                     "gpus": offer.gpus, "host_gpus": host_gpus, "wide_vram": vram,
                     "free": None if offer.free_vram is None else Jsonb(list(offer.free_vram)),
+                    "slot_vram": vram, "restore_first": restore_first,
+                    "capability": Jsonb(capability.to_dict()),
+                    "allow_json": None if allow is None else Jsonb(allow),
+                    "deny_json": Jsonb(deny), "seen_every_s": self._seen_every_s,
                 }
-                free = offer.best_vram
-                # One round trip, one WAL flush: every statement and the COMMIT are sent
-                # together, and their results read once the pipeline has synced.
-                with conn.pipeline():
-                    with conn.transaction():
-                        # Planned once per connection, not on every claim (0.4 ms of the
-                        # server's CPU each): its shape does not depend on the values.
-                        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-                        read = conn.execute(CLAIM_SETTINGS, params)
-                        # The worker is seen even when nothing fits it: the prefer_cuda rule
-                        # counts it.
-                        conn.execute(UPSERT_WORKER, {
-                            **params, "capability": Jsonb(capability.to_dict()),
-                            "allow_json": None if allow is None else Jsonb(allow),
-                            "deny_json": Jsonb(deny)})
-                        conn.execute(RESTORE_FOR_SLOT, params)
-                        picked = conn.execute(CLAIMS[held, order], {**params, "vram": free})
-                settings = read.fetchone()
-                assert settings is not None
-                row = picked.fetchone()
-                if settings["hosts_md5"] != hosts_md5:  # a reload changed them
-                    self._remember_host_policies(settings)
-                # A row was claimed under the policies CLAIM itself found current (each
-                # statement has its own snapshot): keep it, it is committed. None with other
-                # policies: claim again with the new ones.
-                if row is not None or settings["hosts_md5"] == hosts_md5:
+                # One statement, one round trip, one WAL flush (see _claim_call). The worker
+                # is seen even when nothing fits it: the prefer_cuda rule counts it.
+                row = _run_raw(conn, CLAIM_CALLS[held, order], params)
+                assert row is not None
+                if row["job_id"] is not None:  # claimed, and committed: keep it
                     break
-        if row is None:
+                if row["hosts_md5"] != hosts_md5:  # a reload changed them: claim again
+                    self._remember_host_policies(row)
+                    restore_first = True
+                elif restore_first and row["restorable"]:
+                    _run_raw(conn, RESTORE_CALL, params)
+                    restore_first = False  # rows held elsewhere stay unschedulable
+                else:
+                    break
+        if row["job_id"] is None:
             return None
-        command = tuple(json.loads(settings["trainer"])) if settings["trainer"] else ()
+        command = tuple(json.loads(row["trainer"])) if row["trainer"] else ()
         return Claim(job_from_row(row), lease, row["attempts"], command)
 
     def record_checkpoint(
@@ -960,10 +1086,11 @@ class PostgresQueue:
         operator cancelled the job. The `lent_slots` of its host are seen and lent to it."""
         lent = list(lent_slots)
         with self._connection() as conn:
-            beat = conn.execute(HEARTBEAT_LIVE_LENT if lent else HEARTBEAT_LIVE, {
+            beat = _run_raw(conn, HEARTBEAT_CALLS[bool(lent), peak_vram_gib is not None], {
                 "job_id": job_id, "lease": lease, "now": now, "log_tail": log_tail,
                 "progress": None if progress is None else Jsonb(dict(progress)),
-                "peak": peak_vram_gib, "lent": lent}).fetchone()
+                "peak": peak_vram_gib, "lent": lent, "seen_every_s": self._seen_every_s,
+            })
         if beat is not None:
             return "continue"
         with self._tx() as conn:
@@ -982,8 +1109,9 @@ class PostgresQueue:
                  moved, now, job_id),
             )
             conn.execute(
-                "UPDATE workers SET last_seen = %s WHERE worker_id = %s", (now, row["worker_id"])
-            )
+                "UPDATE workers SET last_seen = %(now)s WHERE worker_id = %(worker_id)s "
+                f"AND NOT {SEEN_RECENTLY.format(w='workers')}",
+                {"now": now, "worker_id": row["worker_id"], "seen_every_s": self._seen_every_s})
             if lent:
                 conn.execute(MARK_LENT, {"now": now, "job_id": job_id, "lent": lent,
                                          "hostname": row["hostname"],
@@ -1007,9 +1135,9 @@ class PostgresQueue:
         """Accept the job's result once; a repeat with the same lease and artifact is a no-op.
         `peak_vram_gib` is the trainer's peak, kept on the attempt like a heartbeat's."""
         with self._connection() as conn:
-            done = conn.execute(COMPLETE_LIVE, {
+            done = _run_raw(conn, COMPLETE_CALL, {
                 "job_id": job_id, "lease": lease, "now": now, "artifact_id": artifact_id,
-                "metrics": Jsonb(dict(metrics or {})), "peak": peak_vram_gib}).fetchone()
+                "metrics": Jsonb(dict(metrics or {})), "peak": peak_vram_gib})
         if done is not None:
             return job_from_row(done)
         with self._tx() as conn:
@@ -1191,6 +1319,7 @@ class PostgresQueue:
             return self._reschedule(conn, self._clock(conn, now))
 
     def _reschedule(self, conn: Conn, now: float) -> Rescheduled:
+        conn.execute(CUSTOM_PLANS)  # SET_SCHEDULABILITY from 'unschedulable' walks its index
         seen = [w.slot(quarantine=False) for w in self._workers(conn, now)]
         marked: list[str] = []
         restored: list[str] = []
@@ -1306,7 +1435,8 @@ class PostgresQueue:
             raise BadRequest(
                 f"status: expected one of {', '.join(s.value for s in Status)}, got {status!r}"
             )
-        with self._connection() as conn:
+        with self._tx() as conn:
+            conn.execute(CUSTOM_PLANS)  # a live status walks jobs_live
             rows = conn.execute(
                 "SELECT * FROM jobs WHERE (%(status)s::text IS NULL OR status = %(status)s) "
                 "AND (%(model)s::text IS NULL OR model = %(model)s) "
