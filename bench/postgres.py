@@ -26,6 +26,10 @@ from typing import Any
 
 from bench import measure, workload
 from bench.options import Options
+from trainfleet.queue.base import JobQueue
+
+#: worker i's loop: (i, deadline, its claim latencies) -> jobs it completed
+Loop = Callable[[int, float, list[float]], int]
 
 ARTIFACT = "0" * 64  #: the queue does not look artifacts up; the receiver does
 FLOOR_SCHEMA = """
@@ -114,29 +118,35 @@ def ours_cycle(options: Options, url: str, w: int) -> dict[str, Any]:
         queue._pool.wait(timeout=30.0)
         queue.sync_manifest(workload.manifest(
             workload.eligible_job(i) for i in range(options.claim_jobs)))
-        capability = workload.cpu_capability()
-
-        def loop(i: int, deadline: float, latencies: list[float]) -> int:
-            worker_id = f"bench-{i}"
-            done = 0
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                claim = queue.claim_next(worker_id, capability)
-                latencies.append(time.perf_counter() - t0)
-                if claim is None:
-                    break
-                job_id = claim.job.job_id
-                if queue.heartbeat(job_id, claim.lease, {"step": 1}) != "continue":
-                    raise RuntimeError(f"ours: heartbeat of {job_id} said cancel")
-                queue.complete(job_id, claim.lease, ARTIFACT, {"loss": 0.1})
-                done += 1
-            return done
-
-        found = threaded(options, w, loop)
+        found = threaded(options, w, queue_loop(queue))
     finally:
         queue.close()
     found.update(verify_ours(url, found["completed"]))
     return found
+
+
+def queue_loop(queue: JobQueue) -> Loop:
+    """Worker i's loop on our queue, as `threaded` runs it: claim → heartbeat → complete until
+    the deadline or an empty queue; the jobs it completed (each claim's latency noted)."""
+    capability = workload.cpu_capability()
+
+    def loop(i: int, deadline: float, latencies: list[float]) -> int:
+        worker_id = f"bench-{i}"
+        done = 0
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            claim = queue.claim_next(worker_id, capability)
+            latencies.append(time.perf_counter() - t0)
+            if claim is None:
+                break
+            job_id = claim.job.job_id
+            if queue.heartbeat(job_id, claim.lease, {"step": 1}) != "continue":
+                raise RuntimeError(f"ours: heartbeat of {job_id} said cancel")
+            queue.complete(job_id, claim.lease, ARTIFACT, {"loss": 0.1})
+            done += 1
+        return done
+
+    return loop
 
 
 def floor_cycle(options: Options, url: str, w: int) -> dict[str, Any]:
@@ -175,8 +185,7 @@ def floor_cycle(options: Options, url: str, w: int) -> dict[str, Any]:
     return found
 
 
-def threaded(options: Options, w: int,
-             loop: Callable[[int, float, list[float]], int]) -> dict[str, Any]:
+def threaded(options: Options, w: int, loop: Loop) -> dict[str, Any]:
     """Run `loop` in w threads started together; jobs/s over the wall time of them all."""
     latencies: list[list[float]] = [[] for _ in range(w)]
     done = [0] * w

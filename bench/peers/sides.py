@@ -60,25 +60,7 @@ class Ours:
                 workload.eligible_job(i) for i in range(jobs)))
             self.durability = "WAL, synchronous={} (claim and complete fsync)".format(
                 queue._db.execute("PRAGMA synchronous").fetchone()[0])
-            capability = workload.cpu_capability()
-
-            def loop(i: int, deadline: float, latencies: list[float]) -> int:
-                worker_id = f"bench-{i}"
-                done = 0
-                while time.perf_counter() < deadline:
-                    t0 = time.perf_counter()
-                    claim = queue.claim_next(worker_id, capability)
-                    latencies.append(time.perf_counter() - t0)
-                    if claim is None:
-                        break
-                    job_id = claim.job.job_id
-                    if queue.heartbeat(job_id, claim.lease, {"step": 1}) != "continue":
-                        raise RuntimeError(f"ours: heartbeat of {job_id} said cancel")
-                    queue.complete(job_id, claim.lease, postgres.ARTIFACT, {"loss": 0.1})
-                    done += 1
-                return done
-
-            found = postgres.threaded(_options(jobs, seconds), w, loop)
+            found = postgres.threaded(_options(jobs, seconds), w, postgres.queue_loop(queue))
         finally:
             queue.close()
         found.update(verify_ours(path, found["completed"]))
