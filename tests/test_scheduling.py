@@ -280,6 +280,21 @@ def test_host_whose_last_three_attempts_failed_alike_on_different_jobs_is_quaran
     assert bad.quarantine.endswith(": its last 3 attempts failed on 3 different jobs with timeout")
 
 
+def test_a_quarantined_hosts_claim_makes_no_unschedulable_job_pending(queue: JobQueue) -> None:
+    fleet = _Fleet(queue)
+    for i in (1, 2, 3):
+        fleet.fail_next(T0 + i)
+    assert fleet.quarantine()[0] is not None
+    jobs = [job(f"j{i}", max_attempts=3) for i in range(4)] + [job("roomy", min_ram_gib=32.0)]
+    queue.sync_manifest(make_manifest(jobs), now=T0 + 4)  # no host seen has 32 GiB
+    [roomy] = queue.list_jobs(status="unschedulable")
+    # The bad host now offers 64 GiB: it could run roomy, but it claims nothing while
+    # quarantined, and leaves roomy as it was for a host that may.
+    assert queue.claim_next("bad", cpu("bad", ram_gib=64.0), now=T0 + 5) is None
+    assert queue.get(roomy.job_id).status == Status.UNSCHEDULABLE
+    assert [e.kind for e in queue.history(roomy.job_id)][-1] == "unschedulable"
+
+
 def test_out_of_memory_streaks_do_not_quarantine_a_host(queue: JobQueue) -> None:
     """Jobs too big for a slot are the jobs' problem: their need is raised instead."""
     fleet = _Fleet(queue, jobs=5)

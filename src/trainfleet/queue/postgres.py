@@ -261,11 +261,14 @@ def _held(claim: str) -> str:
 CLAIM_HELD = _held(CLAIM)
 
 # The unschedulable jobs a slot could run: the hard constraints of CLAIM, on the slot's
-# whole memory. Before it picks, a claim makes them pending again (RESTORE_FOR_SLOT): each
-# claim looks (usually none, found at once), and only a claim that finds some restores them.
+# whole memory; none while its host is quarantined (it claims nothing). Before it picks, a
+# claim makes them pending again (RESTORE_FOR_SLOT): each claim looks (usually none, found
+# at once), and only a claim that finds some restores them.
 UNSCHEDULABLE_FOR_SLOT = _db_clock(f"""
         SELECT j.job_id FROM jobs AS j
         WHERE j.status = 'unschedulable' AND NOT j.orphaned AND {HOSTS_CURRENT}
+          AND NOT EXISTS (SELECT 1 FROM hosts AS h WHERE h.hostname = %(hostname)s::text
+                                                     AND h.quarantined_until > %(now)s)
           AND (NOT j.require_cuda OR %(cuda)s)
           AND j.gpus <= %(gpus)s
           AND greatest(j.min_vram_gib, j.raised_vram_gib) <= %(slot_vram)s
