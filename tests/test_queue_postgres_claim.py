@@ -105,17 +105,19 @@ def test_pooled_connections_plan_generically(traced: tuple[PostgresQueue, list[s
     assert row is not None and row["plan_cache_mode"] == "force_generic_plan"
 
 
+@pytest.mark.parametrize("slot", ["cpu", "cuda"])
 def test_a_claim_is_one_statement_whose_generic_plan_walks_the_index(
-    traced: tuple[PostgresQueue, list[str]],
+    traced: tuple[PostgresQueue, list[str]], slot: str,
 ) -> None:
     q, plans = traced
     q.sync_manifest(make_manifest([job(f"j{i}", seed=i) for i in range(50)]))
-    assert q.claim_next("w", cpu()) is not None  # the first reads the host policies too
+    capability = cpu() if slot == "cpu" else gpu()
+    assert q.claim_next("w", capability) is not None  # the first reads the host policies too
     plans.clear()
-    assert q.claim_next("w", cpu()) is not None
+    assert q.claim_next("w", capability) is not None
     [plan] = [p for p in plans if "picked AS (" in p]  # the whole claim: one statement
     assert len([p for p in plans if "Query Text:" in p]) == 1
-    assert "Index Scan using jobs_pending_cpu" in plan
+    assert f"Index Scan using jobs_pending_{slot}" in plan
     assert "Sort" not in plan.split("Query Text:")[1].split("\n", 1)[1]
     assert "IS DISTINCT FROM $" in plan  # generic: the values are parameters
 
