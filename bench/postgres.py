@@ -228,12 +228,19 @@ def verify_ours(url: str, acknowledged: int) -> dict[str, Any]:
             assert row is not None
             return int(row[0])
 
-        completed = one("SELECT count(*) FROM jobs WHERE status = 'completed'")
-        events = one("SELECT count(*) FROM events WHERE kind = 'completed'")
-        doubled = one("SELECT count(*) FROM (SELECT job_id FROM events WHERE kind = 'completed' "
-                      "GROUP BY job_id HAVING count(*) > 1) AS d")
-        retried = one("SELECT count(*) FROM attempts WHERE attempt > 1")
-        live = one("SELECT count(*) FROM jobs WHERE status IN ('claimed', 'running')")
+        return exactly_once(one, acknowledged)
+
+
+def exactly_once(one: Callable[[str], int], acknowledged: int) -> dict[str, Any]:
+    """Every acknowledged job is completed with one `completed` event and one attempt, and
+    nothing is left claimed: read from our queue's tables with `one` (a count query), on
+    either backend."""
+    completed = one("SELECT count(*) FROM jobs WHERE status = 'completed'")
+    events = one("SELECT count(*) FROM events WHERE kind = 'completed'")
+    doubled = one("SELECT count(*) FROM (SELECT job_id FROM events WHERE kind = 'completed' "
+                  "GROUP BY job_id HAVING count(*) > 1) AS d")
+    retried = one("SELECT count(*) FROM attempts WHERE attempt > 1")
+    live = one("SELECT count(*) FROM jobs WHERE status IN ('claimed', 'running')")
     return {"double_completions": doubled, "left_live": live, "exactly_once": int(
         completed == events == acknowledged and doubled == retried == live == 0)}
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,16 @@ def committed(path: Path) -> dict[str, str]:
     """Each job's status as a separate connection sees it: only what is committed."""
     with sqlite3.connect(path) as db:
         return dict(db.execute("SELECT name, status FROM jobs").fetchall())
+
+
+def run_script(script: str, path: Path) -> dict[str, Any]:
+    """Run `script` on the database in a Python of its own (a file size limit must not
+    reach this process); what it printed, as JSON."""
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
 
 
 def loaded(path: Path, count: int) -> SqliteQueue:
@@ -188,11 +199,7 @@ print(json.dumps({"errors": errors, "inside": inside, "counts": queue.counts(),
 def test_a_failed_commit_fails_every_member_and_keeps_nothing(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     loaded(path, 4).close()
-    done = subprocess.run([sys.executable, "-c", FULL_DISK_AT_COMMIT, str(path)],
-                          capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).parent.parent)
-    assert done.returncode == 0, done.stderr
-    answer = json.loads(done.stdout)
+    answer = run_script(FULL_DISK_AT_COMMIT, path)
     assert answer["inside"] == [0] * 4  # one group: the COMMIT was still to come
     assert answer["errors"] == ["OperationalError"] * 4  # the disk is full: all four told
     assert answer["counts"]["claimed"] == 1 and answer["after"] == "j0"  # j0 was pending again
@@ -241,11 +248,7 @@ def test_a_write_that_fails_the_whole_transaction_fails_its_group_with_its_error
     savepoint: every member so far is told the real error, and nothing of the group stays."""
     path = tmp_path / "q.db"
     loaded(path, 300).close()
-    done = subprocess.run([sys.executable, "-c", FULL_DISK_MID_WRITE, str(path)],
-                          capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).parent.parent)
-    assert done.returncode == 0, done.stderr
-    answer = json.loads(done.stdout)
+    answer = run_script(FULL_DISK_MID_WRITE, path)
     assert answer["told"]["a"] == answer["told"]["b"] != "ok", answer
     assert "full" in answer["told"]["b"] or "disk" in answer["told"]["b"], answer
     assert "cannot commit" not in json.dumps(answer)

@@ -72,19 +72,10 @@ def verify_ours(path: Path, acknowledged: int) -> dict[str, Any]:
     twice, nothing is left claimed."""
     conn = sqlite3.connect(path)
     try:
-        def one(sql: str) -> int:
-            return int(conn.execute(sql).fetchone()[0])
-
-        completed = one("SELECT count(*) FROM jobs WHERE status = 'completed'")
-        events = one("SELECT count(*) FROM events WHERE kind = 'completed'")
-        doubled = one("SELECT count(*) FROM (SELECT job_id FROM events WHERE kind = 'completed'"
-                      " GROUP BY job_id HAVING count(*) > 1)")
-        retried = one("SELECT count(*) FROM attempts WHERE attempt > 1")
-        live = one("SELECT count(*) FROM jobs WHERE status IN ('claimed', 'running')")
+        return postgres.exactly_once(lambda sql: int(conn.execute(sql).fetchone()[0]),
+                                     acknowledged)
     finally:
         conn.close()
-    return {"double_completions": doubled, "left_live": live, "exactly_once": int(
-        completed == events == acknowledged and doubled == retried == live == 0)}
 
 
 class Huey:
