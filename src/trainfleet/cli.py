@@ -75,9 +75,6 @@ def add_receiver(sub: Any) -> None:
                    help="requeue a job whose worker is silent this long (default: 600)")
     p.add_argument("--sweep-interval", type=float, default=30.0, metavar="S",
                    help="how often to look for silent workers (default: 30)")
-    p.add_argument("--checkpoint-grace", type=float, default=3600.0, metavar="S",
-                   help="keep a checkpoint no job names for this long after its upload, "
-                   "before the sweep deletes it (default: 3600)")
     p.add_argument("--max-upload-bytes", type=int, default=64 << 30, metavar="N",
                    help="largest bundle accepted (default: 64 GiB)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this "
@@ -100,9 +97,6 @@ def run_receiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise TrainfleetError(
             "'trainfleet receiver' needs the server extra: pip install 'trainfleet[server]'"
         ) from exc
-    if args.checkpoint_grace < 0:
-        raise TrainfleetError(f"--checkpoint-grace: expected 0 or more seconds, got "
-                              f"{args.checkpoint_grace:g}")
     settings = ReceiverSettings(
         manifest_path=args.manifest, state_dir=args.state_dir, db=args.db, store=args.store,
         s3_endpoint_url=args.s3_endpoint_url or environ.get("TRAINFLEET_S3_ENDPOINT_URL") or None,
@@ -112,7 +106,6 @@ def run_receiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         read_token=read_token(args.read_token_file, environ, "TRAINFLEET_READ_TOKEN"),
         worker_token=read_token(args.worker_token_file, environ, "TRAINFLEET_WORKER_TOKEN"),
         stale_after_s=args.stale_after, sweep_interval_s=args.sweep_interval,
-        checkpoint_grace_s=args.checkpoint_grace,
         max_upload_bytes=args.max_upload_bytes, insecure=args.insecure,
         require_worker_token=args.require_worker_token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,

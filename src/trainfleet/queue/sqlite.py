@@ -944,14 +944,6 @@ class SqliteQueue:
                         artifact_id=artifact_id, **checkpoint_detail(progress))
             return _job(self._row(db, job_id))
 
-    def checkpoints_in_use(self) -> set[str]:
-        """The checkpoints a job not completed names: they may still be resumed from."""
-        with self._read():
-            rows = self._db.execute(
-                "SELECT DISTINCT checkpoint_id FROM jobs "
-                "WHERE checkpoint_id IS NOT NULL AND status <> 'completed'").fetchall()
-        return {str(row["checkpoint_id"]) for row in rows}
-
     def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job:
         """The job, if `lease` is its current live lease (or revivable); LeaseLost otherwise."""
         now = time.time() if now is None else now

@@ -91,18 +91,9 @@ async def _sweep_forever(state: ReceiverState) -> None:
     while True:
         await asyncio.sleep(state.settings.sweep_interval_s)
         try:
-            state.sweep(prune=False)
+            state.sweep()
         except Exception:  # keep sweeping: one failed pass must not end the task
             log.exception("stale sweep failed")
-        # Deleting bundles takes a while on a disk and is a network call on S3: off the
-        # event loop. On shutdown the thread is waited for, so the queue is not closed
-        # under its read.
-        pruning = asyncio.ensure_future(asyncio.to_thread(state.prune_checkpoints))
-        try:
-            await asyncio.shield(pruning)
-        except asyncio.CancelledError:
-            await pruning
-            raise
 
 
 def _error(status: int, message: str, detail: Any = None, **headers: str) -> JSONResponse:

@@ -25,9 +25,6 @@ class ReceiverSettings:
     read_token: str | None = None  #: when set, reads need it (or an operator or worker token)
     stale_after_s: float = 600.0
     sweep_interval_s: float = 30.0
-    #: An unrecorded checkpoint younger than this is not pruned: it may be on its way to
-    #: being recorded (pruning.py).
-    checkpoint_grace_s: float = 3600.0
     max_upload_bytes: int = 64 << 30
     max_body_bytes: int = 1 << 20  #: JSON request bodies
     max_log_bytes: int = 16 << 20

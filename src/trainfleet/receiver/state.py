@@ -11,7 +11,6 @@ from collections.abc import Callable
 from trainfleet import manifest as manifest_mod
 from trainfleet.queue import open_queue
 from trainfleet.queue.base import SyncResult
-from trainfleet.receiver import pruning
 from trainfleet.receiver.metrics import Metrics
 from trainfleet.receiver.settings import ReceiverSettings
 from trainfleet.store import ArtifactStore, open_store
@@ -71,10 +70,7 @@ class ReceiverState:
         gc.freeze()
         return result
 
-    def sweep(self, *, prune: bool = True) -> list[str]:
-        """Requeue silent workers' jobs, fail stalled ones, reschedule, then prune checkpoints
-        (unless `prune` is False: the periodic sweep prunes in a thread, app._sweep_forever);
-        the jobs swept."""
+    def sweep(self) -> list[str]:
         swept = self.queue.sweep_stale(now=self.queue_now(), since=self.started_at)
         self.metrics.swept.inc(len(swept))
         for job_id in swept:
@@ -87,21 +83,4 @@ class ReceiverState:
         for job_id in rescheduled.unschedulable:
             log.warning("job %s: no worker seen in the fleet can run it; unschedulable",
                         job_id[:12])
-        if prune:
-            self.prune_checkpoints()
         return swept
-
-    def prune_checkpoints(self) -> int:
-        """Delete the checkpoints no job needs any more (pruning.py); how many. Never raises:
-        a failure is logged, and the next sweep tries again. Its store calls may be network
-        calls (S3): the periodic sweep runs it in a thread."""
-        try:
-            deleted = pruning.prune_checkpoints(self.store, self.queue, self.now(),
-                                                self.settings.checkpoint_grace_s)
-        except Exception:
-            log.exception("checkpoint pruning failed")
-            return 0
-        self.metrics.checkpoints_pruned.inc(len(deleted))
-        self.metrics.checkpoint_bytes_pruned.inc(sum(int(row.get("size") or 0)
-                                                     for row in deleted))
-        return len(deleted)

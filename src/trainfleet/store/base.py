@@ -94,12 +94,6 @@ class ArtifactStore(Protocol):
         """Remove what crashed uploads left behind; how many things were removed."""
         ...
 
-    def delete(self, artifact_id: str) -> bool:
-        """Remove the artifact for good (a restart or another receiver sharing the store does
-        not bring it back); False when it was not stored, which is no error: several
-        receivers may prune at once. BadRequest for a malformed id."""
-        ...
-
     def location(self, artifact_id: str) -> str:
         """Where the bundle lies, for people: a filesystem path or an s3:// URL."""
         ...

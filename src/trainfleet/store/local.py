@@ -2,8 +2,6 @@
 
 `<root>/<model>_<mode>/<sha256>/bundle.tar.{zst,gz}` plus `<root>/index.jsonl`, one row per
 artifact. One process owns a root; no artifact is visible before its digest is verified.
-A deleted artifact leaves a tombstone row (`{"artifact_id", "deleted_at"}`) in the
-append-only index: a row after it is a new upload's, rows before it are forgotten.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import tempfile
 import threading
 from contextlib import suppress
@@ -30,7 +27,6 @@ from trainfleet.errors import (
     DigestMismatch,
     InsufficientStorage,
     PayloadTooLarge,
-    TrainfleetError,
 )
 from trainfleet.store.base import DEFAULT_KIND, check_kind
 
@@ -98,20 +94,10 @@ class LocalStore:
 
     def begin_upload(self, artifact_id: str, max_bytes: int) -> Upload:
         """Start streaming an artifact into a temp file; see Upload."""
-        check_artifact_id(artifact_id)
+        if not _ARTIFACT_ID.fullmatch(artifact_id):
+            raise BadRequest(f"sha256: expected 64 lowercase hex digits, got {artifact_id!r}")
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{artifact_id}.", suffix=".part")
         return Upload(self, artifact_id, max_bytes, os.fdopen(fd, "wb"), Path(name))
-
-    def delete(self, artifact_id: str) -> bool:
-        """Remove the artifact's bundle and tombstone its index row, so no restart brings it
-        back; False when it is not stored (deleting twice, or after another receiver, is
-        fine). The bundle is moved aside under the lock and unlinked after it: unlinking
-        gigabytes takes a while, and the routes wait for the lock."""
-        check_artifact_id(artifact_id)
-        found, trash = self._delete_locked(artifact_id)
-        if trash is not None:
-            trash.unlink(missing_ok=True)
-        return found
 
     def purge_temp(self) -> int:
         """Remove temp files that crashed uploads left; only safe while no upload runs."""
@@ -136,52 +122,6 @@ class LocalStore:
             if artifact_id not in self._rows:  # e.g. a row whose bundle was deleted by hand
                 self._index_placed(row)
             return True
-
-    def _delete_locked(self, artifact_id: str) -> tuple[bool, Path | None]:
-        with self._lock:
-            return self._delete(artifact_id)
-
-    def _delete(self, artifact_id: str) -> tuple[bool, Path | None]:
-        """delete() with the lock held: whether the artifact was stored, and where its bundle
-        now lies, in the temp dir (which the next start purges, if this process does not get
-        to it). The bundle goes before the tombstone is written: a crash between them leaves
-        a row without a bundle, which nothing serves, whereas a bundle without its row would
-        be indexed again (as a model) at the next start."""
-        path = self._paths.get(artifact_id)
-        if path is None:
-            return False, None
-        self._check_inside(path, artifact_id)
-        trash: Path | None = None
-        target = self.tmp_dir / f"{artifact_id}.{secrets.token_hex(4)}.deleted"
-        with suppress(FileNotFoundError):  # else removed by hand
-            os.replace(path, target)  # the temp dir is in the root: on the same filesystem
-            trash = target
-        del self._paths[artifact_id]
-        with suppress(OSError):  # not empty (a stray file): the bundle is gone all the same
-            path.parent.rmdir()
-        _fsync_dir(path.parent.parent)
-        # Where the bundle was, too: for people, and so that a receiver of an earlier version
-        # sharing the store takes the row for a known artifact's and reads on.
-        row = self._rows.get(artifact_id) or {}
-        tombstone: dict[str, Any] = {key: row[key] for key in ("model", "mode", "kind",
-                                                               "compression") if key in row}
-        tombstone.update(artifact_id=artifact_id, deleted_at=_iso(datetime.now(UTC)))
-        try:
-            self._append_row(tombstone)
-        except OSError as exc:  # the bundle is gone: a row without one is never served
-            log.warning("%s: tombstone of %s not written (%s)", self.index_path,
-                        artifact_id[:12], exc)
-        self._rows.pop(artifact_id, None)  # a new upload of the same bytes gets a new row
-        return True, trash
-
-    def _check_inside(self, path: Path, artifact_id: str) -> None:
-        """Refuse to delete a bundle that is not `<root>/<dir>/<artifact_id>/bundle.tar.*`
-        once links are resolved (a directory swapped for a link to elsewhere)."""
-        root = self.root.resolve()
-        real = path.resolve()
-        if (real.parent.name != artifact_id or real.parent.parent.parent != root
-                or real.name not in _COMPRESSION_OF):
-            raise TrainfleetError(f"store: {path} is not a bundle inside {root}; not deleted")
 
     def _index_placed(self, row: dict[str, Any]) -> None:
         """Index a bundle already renamed into place. When the row cannot be appended (disk
@@ -222,10 +162,7 @@ class LocalStore:
             if row is None:
                 log.warning("%s:%d: not an index row, skipped", self.index_path, number)
                 continue
-            if is_tombstone(row):
-                rows.pop(row["artifact_id"], None)
-            else:
-                rows.setdefault(row["artifact_id"], row)
+            rows.setdefault(row["artifact_id"], row)
         return rows
 
     def _scan(self) -> dict[str, Path]:
@@ -375,17 +312,6 @@ def make_row(
     }
 
 
-def check_artifact_id(artifact_id: str) -> None:
-    """An artifact id names a directory: 64 lowercase hex digits, or a BadRequest."""
-    if not _ARTIFACT_ID.fullmatch(artifact_id):
-        raise BadRequest(f"sha256: expected 64 lowercase hex digits, got {artifact_id!r}")
-
-
-def is_tombstone(row: dict[str, Any]) -> bool:
-    """Whether an index row records a deletion rather than an artifact."""
-    return "deleted_at" in row
-
-
 def _check_path_part(field: str, value: str) -> None:
     """Model and mode name a directory, so they must not be able to climb out of the root."""
     if not _PATH_PART.fullmatch(value) or value in (".", ".."):
@@ -399,8 +325,6 @@ def _parse_row(line: str) -> dict[str, Any] | None:
         return None
     if not isinstance(row, dict) or not isinstance(row.get("artifact_id"), str):
         return None
-    if is_tombstone(row):
-        return row
     row.setdefault("kind", DEFAULT_KIND)  # rows written before kinds existed are models
     return row
 

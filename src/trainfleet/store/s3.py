@@ -15,12 +15,6 @@ publish one row between them and no reader sees a row before its bundle (a recei
 loses the race deletes a bundle it copied to a key the winner's row does not name). One
 object per row means there is no shared index file to tear.
 
-A deletion removes the bundle, then its index row: a reader may see the row a moment after
-the bundle is gone (a download then answers not found), and a receiver that stops between
-the two leaves a row the next prune deletes again. Rows are cached, so another receiver's
-deletion is seen by has() and entry() once a listing (entries(), which the sweep makes) no
-longer names the artifact.
-
 Conditional writes need botocore 1.35.2 or later (boto3 1.35.2 pins it): an older one
 refuses `IfNoneMatch` before sending anything, so the store refuses to start with it.
 
@@ -50,7 +44,7 @@ from trainfleet.errors import (
     TrainfleetError,
 )
 from trainfleet.store.base import DEFAULT_KIND, Readable
-from trainfleet.store.local import _FILENAMES, check_artifact_id, make_row
+from trainfleet.store.local import _FILENAMES, make_row
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +153,7 @@ class S3Store:
         Rows not cached yet are fetched a few at a time: one GET each, and thousands of
         them one after another would hold a listing up for seconds."""
         ids = self._listed_ids()
-        listed = set(ids)
         with self._lock:
-            for gone in [artifact_id for artifact_id in self._rows if artifact_id not in listed]:
-                del self._rows[gone]  # deleted, by this receiver or another
             missing = [artifact_id for artifact_id in ids if artifact_id not in self._rows]
         fetched: dict[str, dict[str, Any] | None] = {}
         if len(missing) > 1:
@@ -199,31 +190,9 @@ class S3Store:
 
     def begin_upload(self, artifact_id: str, max_bytes: int) -> S3Upload:
         """Start streaming an artifact into a multipart upload; see S3Upload."""
-        check_artifact_id(artifact_id)
+        if not _ARTIFACT_ID.fullmatch(artifact_id):
+            raise BadRequest(f"sha256: expected 64 lowercase hex digits, got {artifact_id!r}")
         return S3Upload(self, artifact_id, max_bytes)
-
-    def delete(self, artifact_id: str) -> bool:
-        """Delete the bundle, then its index row; False when no row is there (another
-        receiver may have deleted it first). S3 answers a delete of a missing key with
-        success, so two receivers pruning at once both get through."""
-        check_artifact_id(artifact_id)
-        row = self._row(artifact_id)
-        if row is None:
-            return False
-        bundle_key = self._bundle_key(row)
-        match = _BUNDLE_KEY.fullmatch(bundle_key[len(self._key("")):])
-        if not bundle_key.startswith(self._key("")) or match is None or (
-                bundle_key.split("/")[-2] != artifact_id):
-            raise TrainfleetError(f"store: {bundle_key} is not {artifact_id}'s bundle key "
-                                  f"under {self.url}; not deleted")
-        try:
-            self._s3.delete_object(Bucket=self.bucket, Key=bundle_key)
-            self._s3.delete_object(Bucket=self.bucket, Key=self._index_key(artifact_id))
-        except Exception as exc:
-            raise _unavailable("delete", exc) from exc
-        with self._lock:
-            self._rows.pop(artifact_id, None)
-        return True
 
     def purge_temp(self, older_than_s: float = STRAY_TEMP_AGE_S) -> int:
         """Abort multipart uploads and remove temp objects older than `older_than_s`.

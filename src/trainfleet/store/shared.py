@@ -4,8 +4,7 @@ The layout and the atomic publish are LocalStore's. What sharing adds: the exist
 the rename and the index append happen under an exclusive `flock` on `<root>/.lock`, so two
 receivers never tear `index.jsonl` or index one artifact twice; each receiver streams into its
 own `.tmp/<owner>/` (held by a lock while it lives), so a starting receiver removes only what
-dead ones left; and every read first picks up the rows other receivers appended, a
-deletion's tombstone included.
+dead ones left; and every read first picks up the rows other receivers appended.
 """
 
 from __future__ import annotations
@@ -24,14 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainfleet.errors import TrainfleetError
-from trainfleet.store.local import (
-    _FILENAMES,
-    LocalStore,
-    _fsync_dir,
-    _mkdir_durable,
-    _parse_row,
-    is_tombstone,
-)
+from trainfleet.store.local import _FILENAMES, LocalStore, _fsync_dir, _mkdir_durable, _parse_row
 
 if sys.platform != "win32":
     import fcntl
@@ -113,10 +105,6 @@ class SharedStore(LocalStore):
             if row is None:
                 continue
             artifact_id = row["artifact_id"]
-            if is_tombstone(row):  # another receiver deleted it
-                self._rows.pop(artifact_id, None)
-                self._paths.pop(artifact_id, None)
-                continue
             self._rows.setdefault(artifact_id, row)
             target = self._target(row)
             if artifact_id not in self._paths and target.exists():
@@ -141,14 +129,6 @@ class SharedStore(LocalStore):
             if artifact_id not in self._rows:
                 self._index_placed(row)
             return True
-
-    def _delete_locked(self, artifact_id: str) -> tuple[bool, Path | None]:
-        """Under the store's lock, after the rows others appended (their tombstones too):
-        move the bundle aside and append a tombstone, which the others read at their next
-        look."""
-        with self._lock, _exclusive(self._lock_path):
-            self._read_new_rows()
-            return self._delete(artifact_id)
 
     def _append_row(self, row: dict[str, Any]) -> None:
         """One O_APPEND write of one whole line, fsynced; the caller holds the lock."""
