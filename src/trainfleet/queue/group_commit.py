@@ -5,13 +5,14 @@ A receiver on SQLite writes on its event loop, one transaction and one fsync per
 completion; the fsync and the writing of the same index pages again and again were a third of
 a worker cycle (bench/README.md). Inside `grouped()` a queue's write joins the group's open
 transaction instead (a savepoint, so a failing call still changes nothing), and the group
-commits once, at the next turn of the loop, when every request of this turn has written.
+commits once, at the first turn of the loop in which no write joined it (at most MAX_TURNS).
 `grouped()` returns only once that COMMIT is done, so no answer is sent before what it
 reports is durable; if the COMMIT fails, every member gets the error.
 
 Only the hot worker calls (receiver/hot_routes.py) run grouped. Any other write first commits
-an open group, then runs on its own as before. Reads on the same connection may see a group's
-writes a moment before they are durable; none of those writers has been answered yet.
+an open group, then runs on its own as before. Reads see a group's writes before they are
+durable, so a grouped request that read them waits for that group too, and any other reader
+commits the group first (SqliteQueue._read).
 """
 
 from __future__ import annotations
