@@ -150,6 +150,16 @@ class Job:
         return data
 
 
+#: A worker's last_seen is rewritten at most this often by its claims and heartbeats (or a
+#: tenth of stale_after_s, if less): the registry row is not rewritten on every call.
+SEEN_EVERY_S = 1.0
+
+
+def seen_every_s(stale_after_s: float) -> float:
+    """How often a worker's last_seen is due a write, for a queue with this stale timeout."""
+    return min(SEEN_EVERY_S, stale_after_s / 10)
+
+
 #: Job's field names, read on every claim, heartbeat and completion (fields() is slow).
 JOB_FIELDS = tuple(f.name for f in fields(Job))
 

@@ -57,6 +57,11 @@ class Member:
     thread: int
     groups: list[Group] = field(default_factory=list)
 
+    def wait_for(self, group: Group) -> None:
+        """Answer only once `group` is committed: this request wrote to it or read from it."""
+        if not self.groups or self.groups[-1] is not group:
+            self.groups.append(group)
+
 
 #: A group waits at most this many turns of the loop for more writes before it commits.
 MAX_TURNS = 4

@@ -59,6 +59,7 @@ from trainfleet.queue.base import (
     job_from_row,
     progress_moved,
     same_lease,
+    seen_every_s,
     stalled_error,
     with_host_gpus,
 )
@@ -129,11 +130,10 @@ UNREAD = "unread"  #: the cache key before the policies were first read: no md5 
 
 # The worker registry, as SqliteQueue keeps it: a claim rewrites the worker's row when its
 # registration changed, when it was lent, or when last_seen is due (every `seen_every_s`, as
-# SqliteQueue.SEEN_EVERY_S); otherwise the row stays as it is. The row is the worker's
+# base.SEEN_EVERY_S); otherwise the row stays as it is. The row is the worker's
 # whole registration, so the test reads it, not a receiver's memory: right with several
 # receivers. A row rewritten on every claim and heartbeat cost a non-HOT update (last_seen
 # is indexed) and 5 WAL records per cycle.
-SEEN_EVERY_S = 1.0
 SEEN_RECENTLY = "(%(now)s - {w}.last_seen >= 0 AND %(now)s - {w}.last_seen < %(seen_every_s)s)"
 UPSERT_WORKER = _db_clock(f"""
 INSERT INTO workers (worker_id, hostname, capability, allow_jobs, deny_jobs, slot_vram_gib,
@@ -782,7 +782,7 @@ class PostgresQueue:
         self.stale_after_s = stale_after_s
         self.failure_aware = failure_aware  #: False: the naive baseline, as in SqliteQueue
         self._worker_tokens_seen = False
-        self._seen_every_s = min(SEEN_EVERY_S, stale_after_s / 10)  #: as SqliteQueue's
+        self._seen_every_s = seen_every_s(stale_after_s)  #: as SqliteQueue's
         #: the manifest's host policies as last read, with the md5 of their text (see CLAIM)
         self._host_policies: tuple[str | None, dict[str, HostSpec]] = (UNREAD, {})
         self.schema_version = upgrade_schema(url)

@@ -57,6 +57,7 @@ from trainfleet.queue.base import (
     job_from_row,
     progress_moved,
     same_lease,
+    seen_every_s,
     stalled_error,
     with_host_gpus,
 )
@@ -95,7 +96,6 @@ ALTER TABLE workers ADD COLUMN lent_to_job TEXT;
 HEX = set("0123456789abcdef")
 #: The JSON columns that hold lists: job_from_row turns each into a tuple.
 TUPLE_JSON = frozenset(("train_hosts", "allowed_hosts", "avoid_hosts"))
-SEEN_EVERY_S = 1.0  #: a worker's last_seen is rewritten at most this often (by one process)
 
 # Hard constraints as SQL; matching.explain is applied to each candidate as well,
 # and a property test holds the two against each other.
@@ -439,7 +439,7 @@ class SqliteQueue:
         # was: a worker's claims and heartbeats skip rewriting an unchanged row for a moment.
         self._registered: dict[str, tuple[Capability, matching.Policy, float]] = {}
         self._seen: dict[str, float] = {}
-        self._seen_every_s = min(SEEN_EVERY_S, stale_after_s / 10)
+        self._seen_every_s = seen_every_s(stale_after_s)
         self._group: group_commit.Group | None = None  #: the open group commit, if any
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=60.0
@@ -503,8 +503,8 @@ class SqliteQueue:
             if group is not None:
                 if joining is None:
                     self._commit_group()
-                elif not joining.groups or joining.groups[-1] is not group:
-                    joining.groups.append(group)
+                else:
+                    joining.wait_for(group)
             yield self._db
 
     @contextmanager
@@ -516,8 +516,7 @@ class SqliteQueue:
             self._db.execute("BEGIN IMMEDIATE")
             group = self._group = group_commit.Group.open(joining)
             joining.loop.call_soon(self._commit_when_quiet, group, 0, 0)
-        if not joining.groups or joining.groups[-1] is not group:
-            joining.groups.append(group)
+        joining.wait_for(group)
         group.writes += 1
         self._db.execute("SAVEPOINT write")
         try:
