@@ -5,7 +5,6 @@ The trainer runs as a real subprocess, exactly as a worker would start it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -100,13 +99,86 @@ def test_unknown_hyper_key_exits_2(tmp_path: Path) -> None:
 
 
 def test_transformer_without_torch_exits_2(tmp_path: Path) -> None:
-    if importlib.util.find_spec("torch") is not None:
-        pytest.skip("torch is installed here")
-    args = ("--model", "transformer", "--mode", "realistic", "--seed", "0")
-    proc, out, _ = run_trainer(tmp_path, *args)
+    """Where torch is installed, the trainer runs with torch hidden (an import of it fails)."""
+    hyper_file = tmp_path / "hyper.json"
+    hyper_file.write_text("{}")
+    out = tmp_path / "out"
+    argv = [str(TRAINER), "--model", "transformer", "--mode", "realistic", "--seed", "0",
+            "--hyper", str(hyper_file), "--out", str(out)]
+    hide_torch = ("import runpy, sys; sys.modules['torch'] = None; "
+                  f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", hide_torch], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2
     assert "transformer needs torch" in proc.stderr
     assert not out.exists()
+
+
+# --- the transformer (torch; CI installs the CPU build: .ci/run) -----------------
+
+
+def run_transformer(tmp_path: Path, name: str, epochs: int, *args: str) -> tuple:
+    """The transformer trainer as a worker starts it (on the CPU here); (process, out dir)."""
+    pytest.importorskip("torch")
+    hyper = tmp_path / f"{name}.json"
+    hyper.write_text(json.dumps({"epochs": epochs, "batch_size": 128}))
+    out = tmp_path / name
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINFLEET_")}
+    proc = subprocess.run(
+        [sys.executable, str(TRAINER), "--model", "transformer", "--mode", "realistic",
+         "--seed", "5", "--hyper", str(hyper), "--out", str(out), *args],
+        capture_output=True, text=True, env=env, timeout=300)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_transformer_trains_and_resumes_as_if_never_stopped(tmp_path: Path) -> None:
+    """Same seed, same model bytes; and a run resumed from its epoch-1 checkpoint ends with
+    the very model of an uninterrupted one (dropout's generator is in the checkpoint too)."""
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    first, first_out = run_transformer(tmp_path, "first", 1, "--checkpoint-dir", str(ckpt))
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["transformer.pt"]  # no temp file left
+    resumed, resumed_out = run_transformer(
+        tmp_path, "resumed", 2, "--resume-from", str(ckpt / "transformer.pt"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed after epoch 1/2" in resumed.stdout and "epoch 1/2 " not in resumed.stdout
+    whole, whole_out = run_transformer(tmp_path, "whole", 2)
+    again, again_out = run_transformer(tmp_path, "again", 2)
+    assert whole.returncode == again.returncode == 0, whole.stderr + again.stderr
+    model = (whole_out / "model.pt").read_bytes()
+    assert (again_out / "model.pt").read_bytes() == model
+    assert (resumed_out / "model.pt").read_bytes() == model
+    metrics = json.loads((whole_out / "metrics.json").read_text())
+    assert metrics["model"] == "transformer" and metrics["device"] == "cpu"
+    assert metrics["accuracy"] == json.loads((resumed_out / "metrics.json").read_text())[
+        "accuracy"]
+    assert metrics["accuracy"] > 0.2  # ten classes: better than chance after two epochs
+
+
+class _PlantInTorch:
+    """Unpickling this makes a directory: proof that a checkpoint ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_transformer_loads_a_planted_checkpoint_as_data_and_refuses_it(tmp_path: Path) -> None:
+    """A checkpoint comes from another host: a pickle in it must not run here."""
+    import pickle
+
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "transformer.pt"
+    planted.write_bytes(pickle.dumps({"net": _PlantInTorch(marker), "epoch": 1}))
+    proc, out = run_transformer(tmp_path, "out", 2, "--resume-from", str(planted))
+    assert not marker.exists()
+    assert proc.returncode == 2, proc.stderr
+    assert "--resume-from:" in proc.stderr and "not a transformer checkpoint" in proc.stderr
+    assert not (out / "model.pt").exists()
 
 
 # --- the example manifest -----------------------------------------------------

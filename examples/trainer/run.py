@@ -436,25 +436,50 @@ def run_transformer(
     epochs = int(hyper["epochs"])
     done = 0
     if checkpoints.resume_from:
-        # On the CPU first: the generator's state must stay there; load_state_dict moves the
-        # model's and the optimizer's tensors to their device.
-        # weights_only: tensors and plain containers only; a checkpoint from another host
-        # must never run code here (no arbitrary unpickling).
-        saved = torch.load(checkpoints.resume_from, map_location="cpu", weights_only=True)
-        net.load_state_dict(saved["net"])
-        opt.load_state_dict(saved["opt"])
-        gen.set_state(saved["gen"])
-        done = int(saved["epoch"])
+        done = load_transformer(torch, net, opt, gen, device, checkpoints.resume_from, epochs)
         progress.report(done / epochs, done, f"resumed after epoch {done}/{epochs}")
     for epoch in range(done + 1, epochs + 1):
         loss = torch_epoch(torch, net, opt, x_train, y_train, int(hyper["batch_size"]), gen)
+        # "rng": dropout draws from the device's default generator, so a resumed run that
+        # did not restore it would train on other dropout masks than an uninterrupted one.
         state = {"net": net.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                 "epoch": epoch}
+                 "rng": device_rng(torch, device), "epoch": epoch}
         checkpoints.save("transformer.pt", lambda path, state=state: torch.save(state, path))
         progress.report(epoch / epochs, epoch, f"epoch {epoch}/{epochs} loss {loss:.4f}")
     accuracy = torch_accuracy(torch, net, x_test, y_test)
     extra = {"device": str(device), "torch": torch.__version__}
     return net, accuracy, extra
+
+
+def device_rng(torch: Any, device: Any) -> Any:
+    """The state of the default generator that dropout on `device` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def load_transformer(
+    torch: Any, net: Any, opt: Any, gen: Any, device: Any, path: str, epochs: int
+) -> int:
+    """Restore the model, the optimizer and both generators from a transformer.pt; the epoch
+    it was saved after. Loaded on the CPU first (the batch-order generator's state must stay
+    there; load_state_dict moves the rest to the device), and with weights_only: tensors and
+    plain containers only, since a checkpoint from another host must never run code here."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        gen.set_state(saved["gen"])
+        if "rng" in saved:  # absent from checkpoints of older versions of this trainer
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(saved["rng"], device)
+            else:
+                torch.set_rng_state(saved["rng"])
+        epoch = int(saved["epoch"])
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError,
+            pickle.UnpicklingError) as exc:
+        raise UsageError(f"--resume-from: {path} is not a transformer checkpoint: {exc}") from exc
+    if not 0 <= epoch <= epochs:
+        raise UsageError(f"--resume-from: {path} was saved after epoch {epoch} of {epochs}")
+    return epoch
 
 
 def save_torch(net: Any, out: Path) -> None:
