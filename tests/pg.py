@@ -47,8 +47,9 @@ def free_port() -> int:
 class Cluster:
     """One running PostgreSQL server; `url()` names a database, optionally a schema in it."""
 
-    def __init__(self, *, durable: bool = False) -> None:
+    def __init__(self, *, durable: bool = False, settings: tuple[str, ...] = ()) -> None:
         self.bindir = find_bindir()
+        self.settings = settings  #: more `name=value` server settings (bench/postgres_profile.py)
         self.root = Path(tempfile.mkdtemp(prefix="trainfleet-pg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root / "sock"
@@ -124,6 +125,7 @@ class Cluster:
                    "-c shared_buffers=64MB"]
         if not self.durable:  # a throwaway cluster: a crash may lose it, so skip the syncs
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        options += [f"-c {setting}" for setting in self.settings]
         done = subprocess.run(
             [*self._as_owner, str(self.bindir / "pg_ctl"), "start", "-D", str(self.data),
              "-l", str(self.log_path), "-o", " ".join(options), "-w", "-t", "30"],

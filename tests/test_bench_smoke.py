@@ -97,3 +97,19 @@ def test_simulated_lab_runs_the_real_policy_on_and_a_naive_retry_off(
         assert on["completed"] > off["completed"]
         assert on["flaky_detected_h"] is not None and on["quarantines"].get("a100-2", 0) >= 1
         assert off["flaky_detected_h"] is None and off["quarantines"] == {}
+
+
+def test_postgres_profile_reports_cpu_per_cycle_and_statements(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench/postgres_profile.py (figure 7's profile): both sides run their cycles on a cluster
+    with pg_stat_statements, and each reports CPU per cycle and its three statements."""
+    from bench import postgres_profile
+
+    found = postgres_profile.main(["--cycles", "20"])
+    assert set(found) == {"ours", "raw skip locked"}
+    for side in found.values():
+        assert side["python_ms"] > 0 and side["server_ms"] >= 0
+    printed = capsys.readouterr().out
+    assert printed.count(" × ") >= 6  # three statements a side, each with its figures
+    assert "CPU per cycle, floor / ours:" in printed
