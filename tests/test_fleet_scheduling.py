@@ -209,8 +209,8 @@ def fake_nvidia_smi_reporting(fleet: Fleet, used_mib: int) -> Path:
     script.write_text(
         "#!/bin/sh\n"
         'case "$*" in\n'
-        f"  *--query-compute-apps=pid,used_memory*) for f in {fleet.markers}/*.pid; do\n"
-        f'    [ -f "$f" ] && echo "$(cat "$f"), {used_mib}"; done ;;\n'
+        f"  *--query-compute-apps=pid,gpu_uuid,used_memory*) for f in {fleet.markers}/*.pid; do\n"
+        f'    [ -f "$f" ] && echo "$(cat "$f"), GPU-0, {used_mib}"; done ;;\n'
         '  *--query-gpu*) echo "0, Fake, 24576, 24576" ;;\n'
         "esac\n")
     script.chmod(0o755)

@@ -508,9 +508,9 @@ def fake_nvidia_smi_switched(fleet: Fleet, used_mib: int) -> Path:
     script.write_text(
         "#!/bin/sh\n"
         'case "$*" in\n'
-        f"  *--query-compute-apps=pid,used_memory*) [ -f {markers}/vram-on ] || exit 0\n"
+        f"  *--query-compute-apps=pid,gpu_uuid,used_memory*) [ -f {markers}/vram-on ] || exit 0\n"
         f"    for f in {markers}/*.pid; do\n"
-        f'    [ -f "$f" ] && echo "$(cat "$f"), {used_mib}"; done\n'
+        f'    [ -f "$f" ] && echo "$(cat "$f"), GPU-0, {used_mib}"; done\n'
         f"    echo sampled >> {markers}/sampled ;;\n"
         '  *--query-gpu*) echo "0, Fake, 24576, 24576" ;;\n'
         "esac\n")
@@ -544,6 +544,42 @@ def test_a_peak_reached_after_the_last_heartbeat_is_sent_with_complete(
                           capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "TRAINFLEET_RECEIVER": receiver.url})
     assert "completed peak 6.3 GiB VRAM (declared 4)" in show.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
+def test_a_two_gpu_jobs_peak_is_what_it_held_on_its_busiest_gpu(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """nvidia-smi says the trainer holds 6.3 GiB on one GPU and 2 GiB on the other: the
+    attempt's peak is 6.3 (per GPU, as min_vram_gib is declared), not the mean 4.15."""
+    bin_dir = fleet.root / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-smi"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        "  *--query-compute-apps=pid,gpu_uuid,used_memory*)\n"
+        f"    for f in {fleet.markers}/*.pid; do [ -f \"$f\" ] || continue\n"
+        '      echo "$(cat "$f"), GPU-a, 6451"; echo "$(cat "$f"), GPU-b, 2048"\n'
+        f"      echo sampled >> {fleet.markers}/sampled; done ;;\n"
+        '  *--query-gpu*) for i in 0 1 2 3; do echo "$i, Fake, 81920, 81000"; done ;;\n'
+        "esac\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    receiver = fleet.receiver(fleet.manifest([
+        job("pair", model="transformer", hyper={"gate": "pair"}, require_cuda=True, gpus=2,
+            min_vram_gib=4)]))
+    job_id = receiver.jobs_by_name()["pair"]["job_id"]
+    worker = fleet.worker(receiver.url, "quad", QUAD, "--slots", "1", "--max-jobs", "1",
+                          "--heartbeat-interval", "600")
+    receiver.wait_status(job_id, "running")
+    wait_for("a VRAM sample", (fleet.markers / "sampled").exists)
+    fleet.release("pair")
+    assert worker.wait_exit(timeout_s=30) == 0
+    done = receiver.job(job_id)
+    [attempt] = done["attempts_detail"]
+    assert done["status"] == "completed" and attempt["peak_vram_gib"] == 6.3
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import cpu
 from tests.test_capability import fake_nvidia_smi, posix_only, write_script
-from trainfleet.capability import Capability, Gpu, free_vram, processes_vram_gib
+from trainfleet.capability import Capability, Gpu, free_vram, most_vram_on_one_gpu_gib
 from trainfleet.errors import TrainfleetError
 from trainfleet.worker import plan_slots
 
@@ -60,12 +60,17 @@ def test_free_vram_is_unknown_without_a_working_nvidia_smi(tmp_path: Path) -> No
 
 
 @posix_only
-def test_processes_vram_adds_up_what_the_given_processes_hold(tmp_path: Path) -> None:
+def test_vram_held_is_added_up_per_gpu_and_the_most_on_one_gpu_counts(tmp_path: Path) -> None:
+    """A job on two GPUs holding 6 GiB on one and 2 on the other needs 6 per GPU, not 4."""
     bin_dir = tmp_path / "bin"
     write_script(bin_dir / "nvidia-smi",
-                 'case "$*" in *--query-compute-apps=pid,used_memory*) ;; *) exit 9 ;; esac\n'
-                 "printf '101, 2048\\n102, 1024\\n999, 40000\\n'")
+                 'case "$*" in *--query-compute-apps=pid,gpu_uuid,used_memory*) ;; '
+                 '*) exit 9 ;; esac\n'
+                 "printf '101, GPU-a, 4096\\n102, GPU-a, 2048\\n101, GPU-b, 2048\\n"
+                 "999, GPU-b, 40000\\n103, GPU-c, [N/A]\\n'")
     environ = {"PATH": str(bin_dir)}
-    assert processes_vram_gib([101, 102], environ) == 3.0
-    assert processes_vram_gib([5], environ) == 0.0
-    assert processes_vram_gib([101], {"PATH": str(tmp_path)}) is None  # no nvidia-smi
+    assert most_vram_on_one_gpu_gib([101, 102], environ) == 6.0  # GPU-a: 4 + 2; GPU-b: 2
+    assert most_vram_on_one_gpu_gib([101], environ) == 4.0
+    assert most_vram_on_one_gpu_gib([102, 103], environ) == 2.0  # [N/A] counts as unknown
+    assert most_vram_on_one_gpu_gib([5], environ) == 0.0
+    assert most_vram_on_one_gpu_gib([101], {"PATH": str(tmp_path)}) is None  # no nvidia-smi

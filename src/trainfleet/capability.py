@@ -284,21 +284,30 @@ def free_vram(environ: Mapping[str, str] | None = None) -> dict[int, float]:
     return {gpu.index: gpu.free_vram_gib for gpu in visible if gpu.free_vram_gib is not None}
 
 
-def processes_vram_gib(pids: Sequence[int], environ: Mapping[str, str] | None = None
-                       ) -> float | None:
-    """The GPU memory these processes hold now, in GiB (nvidia-smi's compute apps); None
-    when that cannot be read."""
+def most_vram_on_one_gpu_gib(pids: Sequence[int], environ: Mapping[str, str] | None = None
+                             ) -> float | None:
+    """The most GPU memory these processes hold together on any one GPU now, in GiB
+    (nvidia-smi's compute apps, added up per GPU); None when that cannot be read. Per GPU,
+    as a job's min_vram_gib is declared: a job on several GPUs often holds more on one of
+    them (data-parallel rank 0), and its share of the total would understate what it needs."""
     env = os.environ if environ is None else environ
     smi = shutil.which("nvidia-smi", path=env.get("PATH", os.defpath))
     if smi is None or not pids:
         return None
-    query = ["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    query = ["--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv,noheader,nounits"]
+    wanted = set(pids)
+    per_gpu: dict[str, float] = {}
     try:
-        rows = [line.split(",") for line in _run_tool([smi, *query]).splitlines() if line]
-        held = [_mib_to_gib(used) for pid, used in rows if int(pid) in set(pids)]
+        for line in _run_tool([smi, *query]).splitlines():
+            if not line.strip():
+                continue
+            pid, gpu, used = (part.strip() for part in line.split(","))
+            gib = _mib_to_gib(used)
+            if int(pid) in wanted and gib is not None:
+                per_gpu[gpu] = per_gpu.get(gpu, 0.0) + gib
     except (OSError, ValueError, subprocess.SubprocessError):
         return None
-    return round(sum(gib for gib in held if gib is not None), 3)
+    return round(max(per_gpu.values(), default=0.0), 3)
 
 
 def _detect_gpus(path: str, cuda_visible_devices: str | None) -> tuple[Gpu, ...]:

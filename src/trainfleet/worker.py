@@ -160,7 +160,6 @@ class Worker:
         self._wake = threading.Event()  #: set only when asked to stop
         self._peak_vram_gib: float | None = None  #: the running attempt's, sampled
         self.pool: GpuPool | None = None  #: set when this is a GPU slot of a SlotGroup
-        self._gpus = 1  #: how many GPUs the running attempt holds (its peak is per GPU)
         self._devices: str | None = None  #: the running attempt's CUDA_VISIBLE_DEVICES
         #: the worker ids of the sibling slots the running attempt borrowed: its heartbeats
         #: vouch for them, since a lent slot makes no calls of its own
@@ -230,12 +229,11 @@ class Worker:
                 inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
             tokens = None if inherited is None else [t.strip() for t in inherited.split(",")]
             taken = _take(free, claim)
-            self._gpus = len(taken)
             self._devices = ",".join(_device(gpu.index, tokens) for gpu in taken)
         try:
             self._run_job(claim)
         finally:
-            self._gpus, self._devices = 1, None
+            self._devices = None
         return True
 
     def _claim(self, cap: Capability, free_vram_per_gpu: list[float] | None,
@@ -483,12 +481,11 @@ class Worker:
                 return
 
     def _sample_vram(self, child: subprocess.Popen[bytes]) -> None:
-        """Keep the most GPU memory the trainer and its helpers have held (nvidia-smi)."""
+        """Keep the most GPU memory the trainer and its helpers have held on one GPU
+        (nvidia-smi): per GPU, as the job's min_vram_gib is declared."""
         if self.capability is None or not self.capability.cuda:
             return
-        held = capability.processes_vram_gib(trainer_process.members(child))
-        if held is not None and self._gpus > 1:
-            held = round(held / self._gpus, 2)  # per GPU, as min_vram_gib is declared
+        held = capability.most_vram_on_one_gpu_gib(trainer_process.members(child))
         if held is not None and held > (self._peak_vram_gib or 0.0):
             self._peak_vram_gib = held
 
@@ -829,7 +826,6 @@ class GpuPool:
             held = _take(free, claim, me)
             occupied = [me, *(w for w in held if w is not me)]  # `me` even if not in `held`
             self._busy.update(id(w) for w in occupied)
-        me._gpus = len(held)
         me._devices = ",".join(w.settings.visible_devices or "" for w in held)
         me._lent = [w.worker_id for w in held if w is not me]
         if held != [me]:
@@ -838,7 +834,7 @@ class GpuPool:
         try:
             me._run_job(claim)
         finally:
-            me._gpus, me._devices, me._lent = 1, None, []
+            me._devices, me._lent = None, []
             with self.lock:
                 self._busy.difference_update(id(w) for w in occupied)
         return True
