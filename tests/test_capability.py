@@ -189,6 +189,30 @@ def test_override_file_replaces_keys_and_records_them(tmp_path: Path) -> None:
     assert cap.cpu_count >= 1
 
 
+@posix_only
+@pytest.mark.parametrize(("override", "probed"), [
+    ({"cuda": False, "gpus": []}, False),  # both replaced: nothing to probe
+    ({"gpus": []}, True),                  # cuda still follows what the probe finds
+    ({"ram_gib": 64}, True),
+])
+def test_the_gpu_probe_runs_only_when_the_override_leaves_it_something_to_decide(
+    tmp_path: Path, override: dict[str, Any], probed: bool,
+) -> None:
+    """Where nvidia-smi is absent the probe imports torch, which takes seconds: a worker
+    whose override file names its GPUs (the demo's) does not pay for it."""
+    marker = tmp_path / "probed"
+    bin_dir = tmp_path / "bin"
+    write_script(bin_dir / "nvidia-smi",
+                 f"touch {marker}\nprintf '0, Fake, 24576, 24000\\n'")
+    (tmp_path / "capability.json").write_text(json.dumps(override), encoding="utf-8")
+
+    cap = detect(tmp_path, override_file=tmp_path / "capability.json",
+                 environ={"PATH": str(bin_dir)})
+
+    assert marker.exists() == probed
+    assert cap.cuda == probed and len(cap.gpus) == (1 if "gpus" not in override else 0)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

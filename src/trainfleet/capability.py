@@ -117,8 +117,13 @@ def detect(
     path = env.get("PATH", os.defpath)
     system = platform.system().lower() or "unknown"
     probes = _Probes()
+    override = None if override_file is None else load_override(override_file)
     no_gpus: tuple[Gpu, ...] = ()
-    gpus = probes.run("gpus", lambda: _detect_gpus(path, env.get("CUDA_VISIBLE_DEVICES")), no_gpus)
+    if override is not None and {"gpus", "cuda"} <= override.keys():
+        gpus = no_gpus  # both replaced: no probe (torch's, where nvidia-smi is absent, takes s)
+    else:
+        gpus = probes.run("gpus", lambda: _detect_gpus(path, env.get("CUDA_VISIBLE_DEVICES")),
+                          no_gpus)
     cap = Capability(
         hostname=probes.run("hostname", _hostname, "unknown"),
         os=system,
@@ -132,9 +137,9 @@ def detect(
         version=__version__,
         problems=tuple(probes.problems),
     )
-    if override_file is None:
+    if override_file is None or override is None:
         return cap
-    return _apply_override(cap, load_override(override_file), override_file)
+    return _apply_override(cap, override, override_file)
 
 
 def load_override(path: Path) -> dict[str, Any]:
