@@ -39,6 +39,25 @@ def test_lifecycle_claim_heartbeat_complete(queue: JobQueue) -> None:
     assert queue.claim_next("w1", cpu(), now=T0 + 4) is None
 
 
+@pytest.mark.parametrize("swept_first", [False, True])
+def test_a_completed_jobs_progress_is_whole_and_keeps_no_stale_message(
+    queue: JobQueue, swept_first: bool,
+) -> None:
+    """The last heartbeat said "epoch 26/30"; done, the job is at 100 % with its step and no
+    message (the usual completion, and one delivered straight after a sweep)."""
+    queue.sync_manifest(make_manifest([job("a")]), now=T0)
+    claim = queue.claim_next("w1", cpu(), now=T0)
+    assert claim is not None
+    progress = {"fraction": 0.86, "step": 26, "message": "epoch 26/30"}
+    queue.heartbeat(claim.job.job_id, claim.lease, progress, now=T0 + 1)
+    if swept_first:
+        queue.sweep_stale(now=T0 + 700)
+    done = queue.complete(claim.job.job_id, claim.lease, "a" * 64, now=T0 + 701)
+    assert done.status == Status.COMPLETED
+    assert done.progress == {"fraction": 1.0, "step": 26}
+    assert queue.get(claim.job.job_id).progress == {"fraction": 1.0, "step": 26}
+
+
 def test_complete_is_idempotent_for_same_lease_and_artifact(queue: JobQueue) -> None:
     queue.sync_manifest(make_manifest([job("a")]), now=T0)
     claim = queue.claim_next("w1", cpu(), now=T0)

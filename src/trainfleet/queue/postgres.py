@@ -412,7 +412,8 @@ class RawStatement(NamedTuple):
             return f"${names.index(found[1]) + 1}"
 
         text = PLACEHOLDER.sub(number, sql)
-        assert "%" not in text, "only %(name)s placeholders"
+        if "%" in text:  # a literal % would be sent as is, and a stray %s never bound
+            raise ValueError(f"only %(name)s placeholders, and no other %: {text[:200]!r}")
         return cls(text.encode(), tuple(names))
 
 
@@ -534,7 +535,8 @@ COMPLETE_LIVE = _db_clock(f"""
 WITH done AS (
     UPDATE jobs SET status = 'completed', artifact_id = %(artifact_id)s::text,
            metrics = %(metrics)s::jsonb,
-           progress = coalesce(progress, '{{}}') || '{{"fraction": 1.0}}', error = NULL,
+           progress = (coalesce(progress, '{{}}') - 'message') || '{{"fraction": 1.0}}',
+           error = NULL,  -- all done: the last heartbeat's message is stale now
            heartbeat_at = %(now)s, updated_at = %(now)s
     WHERE job_id = %(job_id)s AND {LIVE_UNDER_LEASE}
     RETURNING *
@@ -1198,7 +1200,8 @@ class PostgresQueue:
             row = self._live_row(conn, row, lease, now)
             done = conn.execute(
                 "UPDATE jobs SET status = 'completed', artifact_id = %s, metrics = %s, "
-                "progress = coalesce(progress, '{}') || '{\"fraction\": 1.0}', error = NULL, "
+                "progress = (coalesce(progress, '{}') - 'message') || '{\"fraction\": 1.0}', "
+                "error = NULL, "
                 "heartbeat_at = %s, updated_at = %s WHERE job_id = %s RETURNING *",
                 (artifact_id, Jsonb(dict(metrics or {})), now, now, job_id),
             ).fetchone()

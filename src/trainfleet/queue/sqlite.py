@@ -1019,7 +1019,9 @@ class SqliteQueue:
             row = self._live_row(db, job_id, lease, now, row)
             done = db.execute(
                 "UPDATE jobs SET status = 'completed', artifact_id = ?, metrics = ?, "
-                "progress = json_set(coalesce(progress, '{}'), '$.fraction', 1.0), error = NULL,"
+                # 100 %; the last heartbeat's message ("epoch 26/30") is stale now
+                "progress = json_remove(json_set(coalesce(progress, '{}'), '$.fraction', 1.0),"
+                " '$.message'), error = NULL,"
                 " heartbeat_at = ?, updated_at = ? WHERE job_id = ? RETURNING *",
                 (artifact_id, _dumps(dict(metrics or {})), now, now, job_id),
             ).fetchone()
