@@ -279,7 +279,8 @@ class Fleet:
 
     def receiver(self, manifest: Path, state_dir: Path | None = None, port: int = 0,
                  **options: Any) -> Receiver:
-        """Start a receiver (options become flags: stale_after=2 -> --stale-after 2)."""
+        """Start a receiver (options become flags: stale_after=2 -> --stale-after 2, and
+        keep_checkpoints=True -> --keep-checkpoints; False leaves the flag out)."""
         state_dir = state_dir or self.root / "state"
         self._count += 1
         log_path = self.logs / f"receiver-{self._count}.log"
@@ -287,7 +288,11 @@ class Fleet:
                 "--state-dir", str(state_dir), "--port", str(port),
                 "--operator-token-file", str(self.operator_token_file), "--log-level", "info"]
         for key, value in options.items():
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+            if value is False:
+                continue
+            argv.append(f"--{key.replace('_', '-')}")
+            if value is not True:  # True: a flag that takes no value
+                argv.append(str(value))
         proc = _spawn(argv, log_path, self.root)
         self._receivers.append(proc)
         url = wait_for("the receiver's 'listening on' line",

@@ -147,7 +147,9 @@ def test_second_upload_of_a_stored_artifact_is_not_rewritten(tmp_path: Path) -> 
     before = store.path(artifact_id).stat()
     assert upload(store, data, model="other", mode="mode") is False
     after = store.path(artifact_id).stat()
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (after.st_ino, after.st_size) == (before.st_ino, before.st_size)
+    assert store.path(artifact_id).read_bytes() == data
+    assert after.st_mtime_ns >= before.st_mtime_ns  # only its last use moves (pruning)
     assert len(index_rows(tmp_path)) == 1
     assert files_under(tmp_path) == [f"gbt_realistic/{artifact_id}/bundle.tar.gz", "index.jsonl"]
 

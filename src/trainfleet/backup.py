@@ -2,7 +2,8 @@
 
 Standard library only. SQLite's online backup API copies a live WAL database page by page
 under a read transaction, so the copy is a snapshot of committed state, never a torn file.
-The artifact store and logs are plain immutable files: copy them with any tool.
+The artifact store and logs are plain files (a bundle's bytes never change; pruning
+deletes old checkpoints): copy them with any tool.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import socket
 import ssl
@@ -22,6 +23,7 @@ from trainfleet.console import DEFAULT_RECEIVER
 from trainfleet.errors import TrainfleetError
 
 Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
+MIN_CHECKPOINT_GRACE_S = 60.0  #: the shortest --checkpoint-grace (see run_receiver)
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -75,6 +77,11 @@ def add_receiver(sub: Any) -> None:
                    help="requeue a job whose worker is silent this long (default: 600)")
     p.add_argument("--sweep-interval", type=float, default=30.0, metavar="S",
                    help="how often to look for silent workers (default: 30)")
+    p.add_argument("--checkpoint-grace", type=float, default=3600.0, metavar="SECONDS",
+                   help="delete a checkpoint no job can resume from once unused this long "
+                   f"(default: 3600; at least {MIN_CHECKPOINT_GRACE_S:g})")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="never delete a checkpoint (the store keeps every one uploaded)")
     p.add_argument("--max-upload-bytes", type=int, default=64 << 30, metavar="N",
                    help="largest bundle accepted (default: 64 GiB)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTPS with this "
@@ -97,6 +104,13 @@ def run_receiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise TrainfleetError(
             "'trainfleet receiver' needs the server extra: pip install 'trainfleet[server]'"
         ) from exc
+    if not (math.isfinite(args.checkpoint_grace)
+            and args.checkpoint_grace >= MIN_CHECKPOINT_GRACE_S):
+        # Pruning is safe while a route's use of an artifact and its record in the queue are
+        # far less than grace/2 apart (receiver/pruning.py): a few seconds would not hold that.
+        raise TrainfleetError(
+            f"--checkpoint-grace: expected a number of seconds >= {MIN_CHECKPOINT_GRACE_S:g}, "
+            f"got {args.checkpoint_grace:g} (--keep-checkpoints keeps them all)")
     settings = ReceiverSettings(
         manifest_path=args.manifest, state_dir=args.state_dir, db=args.db, store=args.store,
         s3_endpoint_url=args.s3_endpoint_url or environ.get("TRAINFLEET_S3_ENDPOINT_URL") or None,
@@ -106,6 +120,7 @@ def run_receiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         read_token=read_token(args.read_token_file, environ, "TRAINFLEET_READ_TOKEN"),
         worker_token=read_token(args.worker_token_file, environ, "TRAINFLEET_WORKER_TOKEN"),
         stale_after_s=args.stale_after, sweep_interval_s=args.sweep_interval,
+        checkpoint_grace_s=args.checkpoint_grace, keep_checkpoints=args.keep_checkpoints,
         max_upload_bytes=args.max_upload_bytes, insecure=args.insecure,
         require_worker_token=args.require_worker_token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,

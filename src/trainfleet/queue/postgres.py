@@ -1114,6 +1114,15 @@ class PostgresQueue:
                         artifact_id=artifact_id, **checkpoint_detail(progress))
             return job_from_row(done)
 
+    def artifacts_in_use(self) -> set[str]:
+        """Every job's artifact and the checkpoints of jobs not completed: never pruned."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT artifact_id AS id FROM jobs WHERE artifact_id IS NOT NULL "
+                "UNION SELECT checkpoint_id FROM jobs "
+                "WHERE checkpoint_id IS NOT NULL AND status <> 'completed'").fetchall()
+        return {str(row["id"]) for row in rows}
+
     def check_lease(self, job_id: str, lease: str, now: float | None = None) -> Job:
         """The job, if `lease` is its current live lease (or revivable); LeaseLost otherwise."""
         with self._tx() as conn:

@@ -66,6 +66,7 @@ def create_app(
             sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await sweeper
+            await state.stop_pruning()  # the queue must not be closed under its read
             state.queue.close()
 
     app = FastAPI(
@@ -92,6 +93,7 @@ async def _sweep_forever(state: ReceiverState) -> None:
         await asyncio.sleep(state.settings.sweep_interval_s)
         try:
             state.sweep()
+            state.prune_soon()
         except Exception:  # keep sweeping: one failed pass must not end the task
             log.exception("stale sweep failed")
 

@@ -55,6 +55,11 @@ class Metrics:
                               registry=r)
         self.upload_bytes = Counter("trainfleet_upload_bytes", "Bundle bytes stored.",
                                     registry=r)
+        self.checkpoints_pruned = Counter("trainfleet_checkpoints_pruned",
+                                          "Checkpoints deleted: no job could resume from them.",
+                                          registry=r)
+        self.checkpoint_bytes_pruned = Counter("trainfleet_checkpoint_bytes_pruned",
+                                               "Bytes of the checkpoints deleted.", registry=r)
         self.latency = Histogram(
             "trainfleet_request_seconds", "Request latency by route.", ["method", "route"],
             registry=r,

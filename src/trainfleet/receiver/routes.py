@@ -269,7 +269,11 @@ async def heartbeat(
 async def checkpoint(job_ref: JobRef, body: s.CheckpointRequest, state: State) -> s.JobOut:
     """Record the job's latest checkpoint, already in the store: later attempts resume it."""
     job_id = _fenced_job(state, job_ref, body.lease, body.attempt)
-    if not await _in_store(state, state.store.has, body.artifact_id):
+    # Marked used (under the store's lock) BEFORE the queue records it: this order is what
+    # makes checkpoint pruning safe. A prune racing this call either finds the fresh use at
+    # its last look and keeps the artifact, or deleted it first, and then this answers 400
+    # and the worker uploads it again (receiver/pruning.py).
+    if not await _mark_used(state, body.artifact_id):
         raise BadRequest(f"artifact_id: {body.artifact_id} is not in the store; upload it first")
     progress = body.progress.model_dump(exclude_none=True) if body.progress else None
     job = state.queue.record_checkpoint(job_id, body.lease, body.artifact_id, state.queue_now(),
@@ -282,7 +286,9 @@ async def complete(job_ref: JobRef, body: s.CompleteRequest, request: Request) -
     """Accept the job's artifact, which must already be in the store."""
     state = _state(request)
     job_id = _fenced_job(state, job_ref, body.lease, body.attempt)
-    if not await _in_store(state, state.store.has, body.artifact_id):
+    # Marked used before the job names it, as in checkpoint(): the artifact may be a stored
+    # checkpoint with the same bytes (a worker skips uploading what the store has).
+    if not await _mark_used(state, body.artifact_id):
         raise BadRequest(f"artifact_id: {body.artifact_id} is not in the store; upload it first")
     job = state.queue.complete(job_id, body.lease, body.artifact_id, body.metrics,
                                state.queue_now(), peak_vram_gib=body.peak_vram_gib)
@@ -322,7 +328,8 @@ async def put_model(
     """Stream a bundle into the store; its sha256 is checked before it becomes visible."""
     job = state.queue.check_lease(_fenced_job(state, job_id, lease, attempt), lease,
                                   state.queue_now())
-    if await _in_store(state, state.store.has, artifact_id):
+    # Bytes already stored: the upload is a use of them, and a model upload makes them a model.
+    if await _mark_used(state, artifact_id, kind):
         async for _ in request.stream():  # drain, so the client sees a clean answer
             pass
         response.status_code = 200
@@ -393,6 +400,14 @@ async def _in_store(state: ReceiverState, call: Callable[P, T], *args: P.args,
     if state.store.remote:
         return await run_in_threadpool(call, *args, **kwargs)
     return call(*args, **kwargs)
+
+
+async def _mark_used(state: ReceiverState, artifact_id: str, kind: str | None = None) -> bool:
+    """store.mark_used: in a thread when it may wait on a lock other receivers hold (a shared
+    store's flock, perhaps on a stalled NFS server) or on the network, never on the loop."""
+    if state.store.remote or state.store.uses_block:
+        return await run_in_threadpool(state.store.mark_used, artifact_id, kind)
+    return state.store.mark_used(artifact_id, kind)
 
 
 @router.put("/v1/job/{job_ref}/log", dependencies=WorkerJobAuth, responses=ERRORS)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PORT = 8470
+PRUNE_EVERY_S = 600.0  #: the periodic sweep prunes checkpoints at most this often
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class ReceiverSettings:
     read_token: str | None = None  #: when set, reads need it (or an operator or worker token)
     stale_after_s: float = 600.0
     sweep_interval_s: float = 30.0
+    #: A checkpoint no job needs is deleted once unused this long (receiver/pruning.py).
+    checkpoint_grace_s: float = 3600.0
+    keep_checkpoints: bool = False  #: never delete a checkpoint (as before pruning existed)
+    prune_every_s: float = PRUNE_EVERY_S
     max_upload_bytes: int = 64 << 30
     max_body_bytes: int = 1 << 20  #: JSON request bodies
     max_log_bytes: int = 16 << 20

@@ -7,6 +7,7 @@ index row per artifact, and hands a bundle back for download.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -16,6 +17,9 @@ from trainfleet.errors import BadRequest
 #: What an artifact is: a finished model (listed by default) or a mid-training checkpoint.
 KINDS = ("model", "checkpoint")
 DEFAULT_KIND = "model"
+#: What changes with every use of a stored artifact, whatever any clock says (its bundle's
+#: mtime and ctime in nanoseconds): a prune compares it with what it saw when it listed.
+UseStamp = tuple[int, int]
 
 
 def check_kind(kind: str) -> str:
@@ -77,6 +81,13 @@ class ArtifactStore(Protocol):
 
     #: True when calls go over the network: the routes then make them in a thread.
     remote: bool
+    #: False when delete_if_unused never deletes (S3): the receiver then keeps every checkpoint.
+    prunes: bool
+    #: True when mark_used may wait on a lock other processes hold (or on the network): the
+    #: routes then call it in a thread.
+    uses_block: bool
+    #: This receiver's wall clock, which stamps uses and measures how long ago they were.
+    clock: Callable[[], float]
 
     def has(self, artifact_id: str) -> bool: ...
 
@@ -92,6 +103,27 @@ class ArtifactStore(Protocol):
 
     def purge_temp(self) -> int:
         """Remove what crashed uploads left behind; how many things were removed."""
+        ...
+
+    def mark_used(self, artifact_id: str, kind: str | None = None) -> bool:
+        """Record that the artifact is used now (re-uploaded, or named by a job), under the
+        lock that delete_if_unused takes; with kind "model", a stored checkpoint becomes a
+        model for good. False when it is not stored (it may have just been deleted)."""
+        ...
+
+    def use_stamp(self, artifact_id: str) -> UseStamp | None:
+        """What changes with every use of the artifact; None when it is not stored (or the
+        store keeps no uses)."""
+        ...
+
+    def delete_if_unused(self, artifact_id: str, unused_for_s: float,
+                         unchanged_since: UseStamp | None = None,
+                         plan_fresh: Callable[[], bool] | None = None) -> bool:
+        """Delete the artifact if, under the store's lock, it is still a checkpoint last used
+        at least `unused_for_s` ago by the store's clock, not used at all since its use stamp
+        was `unchanged_since`, and `plan_fresh()` (asked last) is still true, each when given;
+        whether it was deleted. A deleted artifact is gone at once and for good (a restart
+        does not bring it back)."""
         ...
 
     def location(self, artifact_id: str) -> str:

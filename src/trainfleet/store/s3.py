@@ -15,6 +15,10 @@ publish one row between them and no reader sees a row before its bundle (a recei
 loses the race deletes a bundle it copied to a key the winner's row does not name). One
 object per row means there is no shared index file to tear.
 
+Nothing is ever deleted here: the receivers sharing a bucket cache its rows and hold no lock
+in common, so a checkpoint one of them deleted could still be named by another's job. The
+receiver keeps every checkpoint on S3 and says so at start (receiver/pruning.py).
+
 Conditional writes need botocore 1.35.2 or later (boto3 1.35.2 pins it): an older one
 refuses `IfNoneMatch` before sending anything, so the store refuses to start with it.
 
@@ -32,6 +36,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -43,7 +48,7 @@ from trainfleet.errors import (
     PayloadTooLarge,
     TrainfleetError,
 )
-from trainfleet.store.base import DEFAULT_KIND, Readable
+from trainfleet.store.base import DEFAULT_KIND, Readable, UseStamp
 from trainfleet.store.local import _FILENAMES, make_row
 
 log = logging.getLogger(__name__)
@@ -92,6 +97,8 @@ class S3Store:
     """Artifacts in one bucket under one prefix, which any number of receivers may share."""
 
     remote = True  #: every call is a network call: the routes make them in a thread
+    prunes = False  #: delete_if_unused never deletes: see the module docstring
+    uses_block = True  #: a use is a network call (remote says so too)
 
     def __init__(
         self,
@@ -113,6 +120,7 @@ class S3Store:
         self.bucket, self.prefix = parse_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.part_bytes = part_bytes
+        self.clock = time.time  #: stamps nothing (no use is kept): what the protocol asks
         # Custom endpoints (MinIO, Ceph, moto) are reached by path, not by bucket subdomain.
         config = Config(retries={"mode": "standard", "max_attempts": 5},
                         s3={"addressing_style": "path"} if endpoint_url else None)
@@ -193,6 +201,21 @@ class S3Store:
         if not _ARTIFACT_ID.fullmatch(artifact_id):
             raise BadRequest(f"sha256: expected 64 lowercase hex digits, got {artifact_id!r}")
         return S3Upload(self, artifact_id, max_bytes)
+
+    def mark_used(self, artifact_id: str, kind: str | None = None) -> bool:
+        """Whether the artifact is stored. Uses are not recorded, nor kinds changed: an S3
+        store never deletes, so neither would change what it keeps."""
+        return self.has(artifact_id)
+
+    def use_stamp(self, artifact_id: str) -> UseStamp | None:
+        """None: no use is kept."""
+        return None
+
+    def delete_if_unused(self, artifact_id: str, unused_for_s: float,
+                         unchanged_since: UseStamp | None = None,
+                         plan_fresh: Callable[[], bool] | None = None) -> bool:
+        """False: an S3 store never deletes (see the module docstring)."""
+        return False
 
     def purge_temp(self, older_than_s: float = STRAY_TEMP_AGE_S) -> int:
         """Abort multipart uploads and remove temp objects older than `older_than_s`.

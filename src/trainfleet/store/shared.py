@@ -4,12 +4,17 @@ The layout and the atomic publish are LocalStore's. What sharing adds: the exist
 the rename and the index append happen under an exclusive `flock` on `<root>/.lock`, so two
 receivers never tear `index.jsonl` or index one artifact twice; each receiver streams into its
 own `.tmp/<owner>/` (held by a lock while it lives), so a starting receiver removes only what
-dead ones left; and every read first picks up the rows other receivers appended.
+dead ones left; and every read first picks up the rows other receivers appended, their
+re-kindings and tombstones included. Every use of an artifact (mark_used) and every delete
+take the same `flock`, so a delete's last look at a bundle's last use is never stale.
+
+A receiver of an earlier release reads no tombstone: it would go on serving what another
+deleted. This release marks its temp dir with `.reads-tombstones`, and deletes nothing while
+a live receiver's temp dir lacks the mark.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -17,13 +22,13 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from trainfleet.errors import TrainfleetError
-from trainfleet.store.local import _FILENAMES, LocalStore, _fsync_dir, _mkdir_durable, _parse_row
+from trainfleet.store.local import LocalStore, _parse_row
 
 if sys.platform != "win32":
     import fcntl
@@ -31,24 +36,31 @@ if sys.platform != "win32":
 log = logging.getLogger(__name__)
 
 STRAY_TEMP_AGE_S = 24 * 3600.0  #: loose temp files this old (from a LocalStore) are removed
+#: In a receiver's temp dir: it reads tombstones (deletes). Receivers of earlier releases
+#: leave none, and while one of them lives nothing is deleted.
+READS_TOMBSTONES = ".reads-tombstones"
 
 
 class SharedStore(LocalStore):
     """LocalStore that any number of receivers, on any hosts, may use at once."""
 
-    def __init__(self, root: Path) -> None:
+    uses_block = True  #: mark_used waits for the `flock`, which another receiver may hold
+
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         if sys.platform == "win32":
             raise TrainfleetError("--store: a shared store needs POSIX file locks (flock)")
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         self._lock_path = root / ".lock"
         self._offset = 0  #: bytes of index.jsonl already read
+        self._warned: set[str] = set()  #: receivers of an earlier release already logged
         with _exclusive(self._lock_path):  # nobody publishes while the index is checked
-            super().__init__(root)
+            super().__init__(root, clock)
             self._offset = _size(self.index_path)
         owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.tmp_dir = self.root / ".tmp" / owner
         self.tmp_dir.mkdir(parents=True)
+        (self.tmp_dir / READS_TOMBSTONES).touch()  # before .owner: never seen live without it
         # Held until this process ends: while it is, no other receiver purges this dir.
         self._owner_fd = _hold(self.tmp_dir / ".owner")
 
@@ -91,6 +103,25 @@ class SharedStore(LocalStore):
         with self._lock:
             self._read_new_rows()
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The store's `flock`, then this process's lock, after the rows others appended. In
+        that order: a thread waiting for another receiver's flock holds nothing that has(),
+        on the event loop, waits for."""
+        with _exclusive(self._lock_path), self._lock:
+            self._read_new_rows()
+            yield
+
+    def _deletes_blocked(self) -> bool:
+        """Whether a receiver of an earlier release is alive: it would go on answering that
+        it holds what is deleted. The lock is held."""
+        older = _earlier_receivers(self.root / ".tmp")
+        for owner in sorted(set(older) - self._warned):
+            log.warning("store: receiver %s, of an earlier release, shares %s: no checkpoint "
+                        "is deleted while it runs (upgrade or stop it)", owner, self.root)
+        self._warned = set(older)
+        return bool(older)
+
     def _read_new_rows(self) -> None:
         size = _size(self.index_path)
         if size <= self._offset:
@@ -104,45 +135,18 @@ class SharedStore(LocalStore):
             row = _parse_row(line)
             if row is None:
                 continue
+            self._remember(row)  # the last row wins; a tombstone forgets the artifact
             artifact_id = row["artifact_id"]
-            self._rows.setdefault(artifact_id, row)
-            target = self._target(row)
-            if artifact_id not in self._paths and target.exists():
-                self._paths[artifact_id] = target
-
-    def _target(self, row: dict[str, Any]) -> Path:
-        folder = self.root / f"{row['model']}_{row['mode']}" / str(row["artifact_id"])
-        return folder / _FILENAMES.get(str(row.get("compression")), "bundle.tar.gz")
-
-    def _place(self, tmp_path: Path, row: dict[str, Any]) -> bool:
-        """Under the store's lock: rename into place and index once; False if already stored."""
-        artifact_id = row["artifact_id"]
-        target = self._target(row)
-        with self._lock, _exclusive(self._lock_path):
-            self._read_new_rows()
-            if artifact_id in self._paths:
-                return False
-            _mkdir_durable(target.parent)
-            os.replace(tmp_path, target)
-            _fsync_dir(target.parent)
-            self._paths[artifact_id] = target
-            if artifact_id not in self._rows:
-                self._index_placed(row)
-            return True
+            known = self._rows.get(artifact_id)
+            if known is not None and artifact_id not in self._paths:
+                target = self._target(known)
+                if target.exists():
+                    self._paths[artifact_id] = target
 
     def _append_row(self, row: dict[str, Any]) -> None:
-        """One O_APPEND write of one whole line, fsynced; the caller holds the lock."""
-        created = not self.index_path.exists()
-        line = (json.dumps(row) + "\n").encode("utf-8")
-        fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            _fsync_dir(self.root)
-        self._rows[row["artifact_id"]] = row
+        """LocalStore's (whole or nothing); the caller holds the lock, and has read every row
+        before: what lies past them is a torn line a dead receiver left."""
+        super()._append_row(row)
         self._offset = _size(self.index_path)
 
 
@@ -179,10 +183,39 @@ def _remove_if_abandoned(folder: Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return 0  # its receiver is alive and may be mid-upload
-        count = sum(1 for path in folder.iterdir() if path.name != ".owner")
+        count = sum(1 for path in folder.iterdir()
+                    if path.name not in (".owner", READS_TOMBSTONES))
         shutil.rmtree(folder, ignore_errors=True)
         if count:
             log.info("%s: removed %d partial upload(s) of a stopped receiver", folder, count)
         return count
     finally:
         os.close(fd)
+
+
+def _earlier_receivers(tmp_root: Path) -> list[str]:
+    """The live receivers whose temp dir lacks the READS_TOMBSTONES mark: earlier releases."""
+    found = []
+    for folder in sorted(tmp_root.iterdir()):
+        if folder.is_dir() and not (folder / READS_TOMBSTONES).exists() and _alive(folder):
+            found.append(folder.name)
+    return found
+
+
+def _alive(folder: Path) -> bool:
+    """Whether the receiver owning a temp dir holds its `.owner` lock. The test takes the lock
+    for a moment; a dir without `.owner` is not (or not yet) a receiver's, and one whose
+    `.owner` cannot be opened is taken for alive: nothing is deleted on a doubt."""
+    try:
+        fd = os.open(folder / ".owner", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the lock, if this took it
+    return False
