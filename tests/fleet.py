@@ -347,6 +347,32 @@ class Fleet:
             except ProcessLookupError:
                 pass
 
+    # --- a fake nvidia-smi ----------------------------------------------------
+
+    def fake_nvidia_smi(self, held_mib: dict[str, int], gpus: int = 1,
+                        gpu_mib: tuple[int, int] = (24576, 24576), switched: bool = False
+                        ) -> Path:
+        """A bin dir (put it first on PATH) whose nvidia-smi lists `gpus` GPUs of `gpu_mib`
+        (total, free) and says each running fleet trainer holds `held_mib[uuid]` MiB on each
+        GPU named. `switched`: it says so only once MARKERS/vram-on exists. Each answer that
+        named a trainer is noted in MARKERS/sampled."""
+        bin_dir = self.root / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        held = "; ".join(f'echo "$(cat "$f"), {uuid}, {mib}"' for uuid, mib in held_mib.items())
+        gate = f"[ -f {self.markers}/vram-on ] || exit 0; " if switched else ""
+        listing = "; ".join(f'echo "{i}, Fake, {gpu_mib[0]}, {gpu_mib[1]}"' for i in range(gpus))
+        script = bin_dir / "nvidia-smi"
+        script.write_text(
+            "#!/bin/sh\n"
+            'case "$*" in\n'
+            f"  *--query-compute-apps=pid,gpu_uuid,used_memory*) {gate}\n"
+            f'    for f in {self.markers}/*.pid; do [ -f "$f" ] || continue; {held}\n'
+            f"      echo sampled >> {self.markers}/sampled; done ;;\n"
+            f"  *--query-gpu*) {listing} ;;\n"
+            "esac\n")
+        script.chmod(0o755)
+        return bin_dir
+
     # --- teardown -----------------------------------------------------------
 
     def close(self) -> None:

@@ -201,26 +201,10 @@ def test_a_gpu_half_used_by_someone_else_gets_only_what_fits_its_free_memory(
     assert seen["slot_vram_gib"] == 24
 
 
-def fake_nvidia_smi_reporting(fleet: Fleet, used_mib: int) -> Path:
-    """A bin dir whose nvidia-smi says every running fleet trainer holds `used_mib` MiB."""
-    bin_dir = fleet.root / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "nvidia-smi"
-    script.write_text(
-        "#!/bin/sh\n"
-        'case "$*" in\n'
-        f"  *--query-compute-apps=pid,gpu_uuid,used_memory*) for f in {fleet.markers}/*.pid; do\n"
-        f'    [ -f "$f" ] && echo "$(cat "$f"), GPU-0, {used_mib}"; done ;;\n'
-        '  *--query-gpu*) echo "0, Fake, 24576, 24576" ;;\n'
-        "esac\n")
-    script.chmod(0o755)
-    return bin_dir
-
-
 def test_worker_samples_the_trainers_peak_vram_and_an_oom_retry_needs_a_quarter_more(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    bin_dir = fake_nvidia_smi_reporting(fleet, used_mib=6451)  # 6.3 GiB
+    bin_dir = fleet.fake_nvidia_smi({"GPU-0": 6451})  # 6.3 GiB
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     receiver = fleet.receiver(fleet.manifest([
         job("oom", model="transformer", hyper={"sleep_s": 1.5, "fail": CUDA_OOM},

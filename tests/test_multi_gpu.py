@@ -498,32 +498,12 @@ def test_a_whole_host_worker_runs_a_job_on_the_gpus_with_the_most_free_memory(
     assert "CUDA_VISIBLE_DEVICES=1,3\n" in receiver.client.get_log(job_id)
 
 
-def fake_nvidia_smi_switched(fleet: Fleet, used_mib: int) -> Path:
-    """A bin dir whose nvidia-smi says each fleet trainer holds `used_mib` MiB, but only once
-    MARKERS/vram-on exists; each such answer is noted in MARKERS/sampled."""
-    bin_dir = fleet.root / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "nvidia-smi"
-    markers = fleet.markers
-    script.write_text(
-        "#!/bin/sh\n"
-        'case "$*" in\n'
-        f"  *--query-compute-apps=pid,gpu_uuid,used_memory*) [ -f {markers}/vram-on ] || exit 0\n"
-        f"    for f in {markers}/*.pid; do\n"
-        f'    [ -f "$f" ] && echo "$(cat "$f"), GPU-0, {used_mib}"; done\n'
-        f"    echo sampled >> {markers}/sampled ;;\n"
-        '  *--query-gpu*) echo "0, Fake, 24576, 24576" ;;\n'
-        "esac\n")
-    script.chmod(0o755)
-    return bin_dir
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
 def test_a_peak_reached_after_the_last_heartbeat_is_sent_with_complete(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    bin_dir = fake_nvidia_smi_switched(fleet, used_mib=6451)  # 6.3 GiB
+    bin_dir = fleet.fake_nvidia_smi({"GPU-0": 6451}, switched=True)  # 6.3 GiB
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     receiver = fleet.receiver(fleet.manifest([
         job("quick", model="transformer", hyper={"gate": "quick"}, require_cuda=True,
@@ -553,19 +533,8 @@ def test_a_two_gpu_jobs_peak_is_what_it_held_on_its_busiest_gpu(
 ) -> None:
     """nvidia-smi says the trainer holds 6.3 GiB on one GPU and 2 GiB on the other: the
     attempt's peak is 6.3 (per GPU, as min_vram_gib is declared), not the mean 4.15."""
-    bin_dir = fleet.root / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "nvidia-smi"
-    script.write_text(
-        "#!/bin/sh\n"
-        'case "$*" in\n'
-        "  *--query-compute-apps=pid,gpu_uuid,used_memory*)\n"
-        f"    for f in {fleet.markers}/*.pid; do [ -f \"$f\" ] || continue\n"
-        '      echo "$(cat "$f"), GPU-a, 6451"; echo "$(cat "$f"), GPU-b, 2048"\n'
-        f"      echo sampled >> {fleet.markers}/sampled; done ;;\n"
-        '  *--query-gpu*) for i in 0 1 2 3; do echo "$i, Fake, 81920, 81000"; done ;;\n'
-        "esac\n")
-    script.chmod(0o755)
+    bin_dir = fleet.fake_nvidia_smi({"GPU-a": 6451, "GPU-b": 2048}, gpus=4,
+                                    gpu_mib=(81920, 81000))
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     receiver = fleet.receiver(fleet.manifest([
         job("pair", model="transformer", hyper={"gate": "pair"}, require_cuda=True, gpus=2,
